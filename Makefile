@@ -1,0 +1,45 @@
+# make run: set up and run the default pipeline on digits; make test: set up and run the tests.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(abspath $(VENV))/bin
+export PATH := $(BIN):$(PATH)
+export DO_NOT_TRACK := true
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export MLFLOW_DISABLE_TELEMETRY := true
+export DVC_NO_ANALYTICS := 1
+export RAY_USAGE_STATS_ENABLED := 0
+export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
+
+.PHONY: setup run flow test test-all lint bench clean
+
+setup: $(VENV)/.ready
+
+# constraints.txt pins every package, so every fresh set-up resolves the same versions.
+$(VENV)/.ready: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev]'
+	@test -d .dvc || dvc init --quiet $$(git rev-parse --git-dir >/dev/null 2>&1 || echo --no-scm)
+	touch $@
+
+run: setup
+	dvc repro
+	@echo "report: outputs/report/report.md   metrics: outputs/report/metrics.json   runs: mlflow ui --backend-store-uri sqlite:///mlflow.db"
+
+flow: setup
+	python -m pipeline flow
+
+test: setup
+	python -m pytest
+
+test-all: setup
+	python -m pytest -m ''
+
+lint: setup
+	ruff check . && ruff format --check .
+
+bench: setup
+	python benchmarks/speed.py
+
+clean:
+	rm -rf outputs mlflow.db mlartifacts

@@ -1,0 +1,157 @@
+"""Typed, validated parameters: one model per params.yaml block, errors that name key, value and what is allowed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError, field_validator
+
+
+class ParamsError(ValueError):
+    """Bad parameters: the message names the key, the value given and what is allowed."""
+
+
+class _Block(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class BaseParams(_Block):
+    seed: int = Field(0, description="Seed of model initialisation, batch order and clustering.")
+    device: str = Field("cpu", description="auto | cpu | cuda | cuda:N")
+
+    @field_validator("device")
+    @classmethod
+    def _device_known(cls, d: str) -> str:
+        if d not in ("auto", "cpu", "cuda") and not (d.startswith("cuda:") and d[5:].isdigit()):
+            raise ValueError("allowed: auto, cpu, cuda, cuda:N")
+        return d
+
+
+class SubsetParams(_Block):
+    train: PositiveInt | None = Field(None, description="Stratified number of training samples kept.")
+    test: PositiveInt | None = Field(None, description="Stratified number of test samples kept.")
+    seed: int = Field(0, description="Seed of the stratified subset.")
+
+
+class DataParams(_Block):
+    name: Literal["digits"] = Field("digits", description="Dataset; digits ships with scikit-learn.")
+    root: str = Field("data", description="Folder where file-based datasets are looked for.")
+    test_fraction: float = Field(0.25, gt=0.0, lt=1.0, description="Share of the data in the fixed test split.")
+    subset: SubsetParams | None = Field(None, description="Keep a stratified subset (small CPU runs).")
+
+
+class ModelParams(_Block):
+    name: Literal["convnet", "mlp"] = "convnet"
+    width: PositiveInt = Field(32, description="Channels per conv block (hidden units for mlp).")
+    depth: PositiveInt = Field(2, description="Number of conv-norm-relu-pool blocks (hidden layers for mlp).")
+    norm: Literal["instancenorm", "batchnorm", "none"] = "instancenorm"
+
+
+class TrainParams(_Block):
+    epochs: PositiveInt = 30
+    batch_size: PositiveInt = 64
+    lr: PositiveFloat = 0.05
+    momentum: float = Field(0.0, ge=0.0, lt=1.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    checkpoint_every: PositiveInt = Field(2, description="Epochs between saved trajectory checkpoints.")
+
+
+class RecordTrajectoryParams(_Block):
+    features: Literal["penultimate", "pixels"] = Field(
+        "penultimate", description="Train-set features used for clustering."
+    )
+
+
+class ClusterParams(_Block):
+    k_per_class: PositiveInt = Field(5, description="k-means clusters within each class.")
+
+
+class DistillParams(_Block):
+    ipc: PositiveInt = Field(2, description="Synthetic images per cluster.")
+    iterations: PositiveInt = 100
+    lr: PositiveFloat = Field(0.05, description="Adam learning rate of the synthetic images.")
+    label_lr: float = Field(
+        0.05, ge=0.0, description="Adam learning rate of the soft-label logits; 0 keeps hard labels."
+    )
+    pairing: Literal["mirrored", "lifo"] = "mirrored"
+    direction: Literal["reverse", "forward"] = "reverse"
+    magnitude_weight: float = Field(
+        1.0, ge=0.0, description="Weight of the gradient-norm term next to the cosine term."
+    )
+
+
+class ExecutionParams(_Block):
+    runner: Literal["serial", "thread", "process"] = "thread"
+    workers: PositiveInt = Field(2, description="Parallel workers of the thread and process runners.")
+    threads_per_worker: PositiveInt = Field(
+        1, description="Torch threads of each per-cluster task; fixed so results do not depend on the runner."
+    )
+
+
+class PerturbParams(_Block):
+    n_u: PositiveInt = Field(3, description="SGD steps on the synset that remove one cluster.")
+    step_size: PositiveFloat = Field(0.0005, description="Learning rate of each removal step.")
+
+
+class AttributeParams(_Block):
+    objectives: tuple[Literal["margin", "loss", "probability"], ...] = Field(
+        ("margin", "loss", "probability"),
+        min_length=1,
+        description="Outputs o_j whose drop is the score (positive = the cluster helps); the first is the headline.",
+    )
+
+
+class ReportParams(_Block):
+    n_examples: PositiveInt = Field(4, description="Test samples shown with their most helpful and harmful clusters.")
+    tracking_uri: str | None = Field(None, description="MLflow store; default sqlite:///<project>/mlflow.db.")
+    experiment: str = "ddm"
+
+
+class Params(_Block):
+    base: BaseParams = BaseParams()
+    data: DataParams = DataParams()
+    model: ModelParams = ModelParams()
+    train: TrainParams = TrainParams()
+    record_trajectory: RecordTrajectoryParams = RecordTrajectoryParams()
+    cluster: ClusterParams = ClusterParams()
+    distill: DistillParams = DistillParams()
+    execution: ExecutionParams = ExecutionParams()
+    perturb: PerturbParams = PerturbParams()
+    attribute: AttributeParams = AttributeParams()
+    report: ReportParams = ReportParams()
+
+
+def _format_error(err: ValidationError, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        value = e.get("input")
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            lines.append(f"{source}: unknown key {key!r}")
+        else:
+            lines.append(f"{source}: {key} = {value!r}: {msg}")
+    return "\n".join(lines)
+
+
+def parse_params(raw: dict[str, Any], source: str = "params") -> Params:
+    """Validate a params mapping; raise ParamsError naming each bad key, its value and what is allowed."""
+    try:
+        return Params.model_validate(raw or {})
+    except ValidationError as err:
+        raise ParamsError(_format_error(err, source)) from None
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read and validate params.yaml."""
+    path = Path(path)
+    if not path.is_file():
+        raise ParamsError(f"{path}: parameters file not found")
+    with path.open() as fh:
+        raw = yaml.safe_load(fh)
+    if raw is not None and not isinstance(raw, dict):
+        raise ParamsError(f"{path}: expected a mapping of blocks, got {type(raw).__name__}")
+    return parse_params(raw, str(path))

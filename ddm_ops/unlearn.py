@@ -1,0 +1,33 @@
+"""Online removal: from θ_T, n_u SGD steps on a synset give θ_{-κ}; batched over many removals at once."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ddm_ops.functional import Weights, batched_grads
+
+
+def unlearn(
+    model: nn.Module,
+    params: Weights,
+    buffers: Weights,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    n_u: int,
+    step_size: float,
+    sign: float = 1.0,
+) -> Weights:
+    """Remove each of R groups from the model with weights (params, buffers).
+
+    images (R, n, C, H, W) and soft labels (R, n, classes) hold one synset (or union of synsets) per removal.
+    Returns the R removed models' parameters stacked (R, ...): n_u steps θ <- θ - sign * step_size * ∇L(θ; S).
+    """
+    r = len(images)
+    p = {k: v.expand(r, *v.shape).clone() for k, v in params.items()}
+    b = {k: v.expand(r, *v.shape) for k, v in buffers.items()}
+    with torch.no_grad():
+        for _ in range(n_u):
+            g = batched_grads(model, p, b, images, labels, data_batched=True)
+            p = {k: p[k] - sign * step_size * g[k] for k in p}
+    return p

@@ -1,0 +1,50 @@
+"""Command line: `python -m pipeline run <stage> | flow | serve --cron ...` (also the `ddm` console script)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from ddm_ops.config import ParamsError
+from ddm_ops.train import DivergenceError
+from stages import STAGES
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__)
+    parser.add_argument("--root", type=Path, default=Path("."), help="project folder (holds dvc.yaml, params.yaml)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run one stage (what dvc.yaml calls)")
+    run.add_argument("stage", choices=STAGES)
+    sub.add_parser("flow", help="run the whole DAG as a Prefect flow, one task per DVC stage")
+    serve = sub.add_parser("serve", help="register the flow as a scheduled Prefect deployment and serve it")
+    serve.add_argument("--cron", required=True, help='cron schedule, e.g. "0 3 * * *"')
+    serve.add_argument("--name", default="ddm", help="deployment name")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    try:
+        if args.command == "run":
+            from pipeline.stage import run_stage
+
+            run_stage(args.stage, args.root)
+        elif args.command == "flow":
+            from pipeline.flow import ddm_pipeline
+
+            ddm_pipeline(str(args.root))
+        else:
+            from prefect import serve as prefect_serve
+
+            from pipeline.flow import deployment
+
+            prefect_serve(deployment(args.cron, args.root, args.name))
+    except (ParamsError, DivergenceError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2 if isinstance(err, ParamsError) else 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,3 @@
+"""One module per DVC stage; each has a pure `run(params, paths, out) -> metrics`."""
+
+STAGES = ("train_target", "record_trajectory", "cluster", "distill", "perturb", "attribute", "report")

@@ -1,0 +1,46 @@
+"""Stage cluster: k-means within each class on the recorded features; every training sample gets a cluster_id."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ddm_ops.cluster import cluster_within_classes
+from ddm_ops.config import Params
+from stages.common import Paths, check_params_against_data, dataset, load_tensors, write_parquet
+
+
+def run(params: Params, paths: Paths, out: Path) -> dict:
+    ds = dataset(params)
+    check_params_against_data(params, ds)
+    features = load_tensors(paths.stage("record_trajectory") / "features.pt")["features"].numpy()
+    labels = ds.y_train.numpy()
+    ids, dist = cluster_within_classes(features, labels, params.cluster.k_per_class, params.base.seed)
+    write_parquet(
+        pd.DataFrame({"train_index": ds.train_index, "label": labels, "cluster_id": ids, "centroid_distance": dist}),
+        out / "assignments.parquet",
+        "Cluster of every training sample (k-means within its class).",
+        {
+            "train_index": "position in the dataset's fixed training split",
+            "label": "class label",
+            "cluster_id": "cluster; class c holds ids c*k .. c*k+k-1",
+            "centroid_distance": "distance to the cluster's centroid in feature space",
+        },
+    )
+    k = int(ids.max()) + 1
+    sizes = np.bincount(ids, minlength=k)
+    cluster_labels = np.array([labels[ids == c][0] for c in range(k)])
+    write_parquet(
+        pd.DataFrame({"cluster_id": np.arange(k), "label": cluster_labels, "size": sizes}),
+        out / "clusters.parquet",
+        "One row per cluster.",
+        {"cluster_id": "cluster", "label": "class of all its members", "size": "number of training samples"},
+    )
+    return {
+        "n_clusters": k,
+        "min_size": int(sizes.min()),
+        "max_size": int(sizes.max()),
+        "mean_size": float(sizes.mean()),
+    }

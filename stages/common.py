@@ -1,0 +1,116 @@
+"""What stages share: project paths, atomic stage outputs, Parquet with described columns, checkpoints, metrics."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from ddm_ops.config import Params, ParamsError
+from ddm_ops.data import Dataset, load_dataset
+from ddm_ops.models import build_model
+from ddm_ops.train import Checkpoint
+
+
+@dataclass(frozen=True)
+class Paths:
+    """The project's folders: every stage writes only into outputs/<stage>/."""
+
+    root: Path
+
+    def stage(self, name: str) -> Path:
+        return self.root / "outputs" / name
+
+
+@contextmanager
+def staged_output(final: Path) -> Iterator[Path]:
+    """Yield an empty staging folder that replaces `final` only if the block succeeds.
+
+    On any error the staging folder and whatever was left at `final` are removed, so a failed stage never leaves
+    outputs that a later run could take as valid.
+    """
+    tmp = final.with_name(f".{final.name}.staging")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(final, ignore_errors=True)
+        raise
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+
+
+def write_parquet(df: pd.DataFrame, path: Path, description: str, columns: dict[str, str]) -> None:
+    """Write `df` with the meaning of the table and of each column in the Parquet schema metadata."""
+    missing = set(columns) ^ set(df.columns)
+    if missing:
+        raise ValueError(f"{path.name}: columns {sorted(missing)} are not both described and present")
+    table = pa.Table.from_pandas(df, preserve_index=False)
+    meta = {b"description": description.encode(), b"columns": json.dumps(columns).encode()}
+    pq.write_table(table.replace_schema_metadata({**(table.schema.metadata or {}), **meta}), path)
+
+
+def read_parquet(path: Path) -> pd.DataFrame:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing input; run the stage that writes it (dvc repro)")
+    return pd.read_parquet(path)
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def load_tensors(path: Path) -> Any:
+    """torch.load restricted to tensors and plain containers (never arbitrary pickles)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing input; run the stage that writes it (dvc repro)")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+@lru_cache(maxsize=4)
+def dataset(params: Params) -> Dataset:
+    """The run's dataset (cached per process: fan-out tasks in one worker load it once)."""
+    return load_dataset(params.data)
+
+
+def check_params_against_data(params: Params, ds: Dataset) -> None:
+    """Checks that need the data: raise ParamsError before any training."""
+    counts = np.bincount(ds.y_train.numpy(), minlength=ds.num_classes)
+    if params.cluster.k_per_class > counts.min():
+        raise ParamsError(
+            f"cluster.k_per_class = {params.cluster.k_per_class}: must be at most the smallest class's training "
+            f"size ({counts.min()} samples of class {counts.argmin()})"
+        )
+    h = ds.image_shape[1]
+    if params.model.name == "convnet" and h >> params.model.depth == 0:
+        raise ParamsError(f"model.depth = {params.model.depth}: {h}x{h} images allow at most {h.bit_length() - 1}")
+
+
+def new_model(params: Params, ds: Dataset, seed: int | None = None) -> torch.nn.Module:
+    return build_model(params.model, ds.image_shape, ds.num_classes, params.base.seed if seed is None else seed)
+
+
+def save_checkpoint(path: Path, c: Checkpoint) -> None:
+    torch.save(
+        {"index": c.index, "epoch": c.epoch, "step": c.step, "lr": c.lr, "epochs": c.epochs, "state": c.state}, path
+    )
+
+
+def load_checkpoints(folder: Path) -> list[Checkpoint]:
+    files = sorted(folder.glob("ckpt_*.pt"))
+    if not files:
+        raise FileNotFoundError(f"{folder}: no checkpoints; run train_target (dvc repro)")
+    return [Checkpoint(**load_tensors(f)) for f in files]

@@ -1,0 +1,121 @@
+"""Stage distill: every cluster's synset by reverse gradient matching, one Prefect task and folder per cluster."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from ddm_ops.cluster import nearest_members
+from ddm_ops.config import Params
+from ddm_ops.devices import resolve_device
+from ddm_ops.distill import distill_cluster
+from ddm_ops.trajectory import Trajectory
+from pipeline.runners import fan_out
+from stages.common import Paths, dataset, load_checkpoints, load_tensors, new_model, read_parquet, write_parquet
+
+
+@lru_cache(maxsize=2)
+def _trajectory(params: Params, root: str) -> Trajectory:
+    model = new_model(params, dataset(params))
+    return Trajectory.from_checkpoints(
+        model, load_checkpoints(Paths(Path(root)).stage("train_target") / "checkpoints"), params.train.batch_size
+    )
+
+
+def distill_one(root: str, params: dict, cluster_id: int, work: str, threads: int) -> dict:
+    """Distill one cluster into work/<cluster_id>/ (skipped when already complete); return its summary."""
+    folder = Path(work) / f"{cluster_id:05d}"
+    done = folder / "synset.pt"
+    if not done.is_file():
+        torch.set_num_threads(threads)
+        p = Params.model_validate(params)
+        ds = dataset(p)
+        device = resolve_device(p.base.device)
+        assign = read_parquet(Paths(Path(root)).stage("cluster") / "assignments.parquet")
+        ids, dist = assign["cluster_id"].to_numpy(), assign["centroid_distance"].to_numpy()
+        members = np.flatnonzero(ids == cluster_id)
+        init = nearest_members(ids, dist, cluster_id, p.distill.ipc)
+        model = new_model(p, ds).to(device).eval()  # BatchNorm: the checkpoint's running statistics
+        start = time.perf_counter()
+        synset, losses = distill_cluster(
+            model,
+            _trajectory(p, root).to(device),
+            (ds.x_train[members].to(device), ds.y_train[members].to(device)),
+            ds.x_train[init].to(device),
+            ds.num_classes,
+            p.distill,
+            seed=p.base.seed * 100_003 + cluster_id,
+            name=f"cluster {cluster_id}",
+        )
+        folder.mkdir(parents=True, exist_ok=True)
+        torch.save(
+            {
+                "losses": torch.tensor(losses),
+                "seconds": time.perf_counter() - start,
+                "init_index": torch.from_numpy(init),
+            },
+            folder / "matching.pt",
+        )
+        tmp = folder / "synset.pt.tmp"
+        torch.save({"images": synset.images.cpu(), "labels": synset.labels.cpu()}, tmp)
+        tmp.rename(done)
+    summary = load_tensors(folder / "matching.pt")
+    return {
+        "cluster_id": cluster_id,
+        "seconds": float(summary["seconds"]),
+        "loss_first": float(summary["losses"][0]),
+        "loss_last": float(summary["losses"][-1]),
+    }
+
+
+def run(params: Params, paths: Paths, out: Path) -> dict:
+    clusters = read_parquet(paths.stage("cluster") / "clusters.parquet")
+    work = out / "clusters"
+    items = [
+        {"root": str(paths.root), "params": params.model_dump(), "cluster_id": int(c), "work": str(work)}
+        for c in clusters["cluster_id"]
+    ]
+    start = time.perf_counter()
+    summaries = fan_out(distill_one, items, "cluster_id", params.execution, "distill")
+    seconds = time.perf_counter() - start
+    parts = [load_tensors(work / f"{s['cluster_id']:05d}" / "synset.pt") for s in summaries]
+    matching = [load_tensors(work / f"{s['cluster_id']:05d}" / "matching.pt") for s in summaries]
+    torch.save(
+        {
+            "images": torch.stack([p["images"] for p in parts]),
+            "labels": torch.stack([p["labels"] for p in parts]),
+            "cluster_ids": torch.tensor([s["cluster_id"] for s in summaries]),
+            "init_index": torch.stack([m["init_index"] for m in matching]),
+            "direction": params.distill.direction,
+        },
+        out / "synset.pt",
+    )
+    rows = [
+        pd.DataFrame(
+            {"cluster_id": s["cluster_id"], "iteration": np.arange(len(m["losses"])), "loss": m["losses"].numpy()}
+        )
+        for s, m in zip(summaries, matching)
+    ]
+    write_parquet(
+        pd.concat(rows, ignore_index=True),
+        out / "matching.parquet",
+        "Reverse gradient matching loss of every cluster's synset per iteration.",
+        {
+            "cluster_id": "cluster",
+            "iteration": "optimisation step of the synset",
+            "loss": "mean over matched checkpoint pairs of the layer-wise gradient distance",
+        },
+    )
+    shutil.rmtree(work)
+    return {
+        "distill_seconds": seconds,
+        "cluster_seconds_mean": float(np.mean([s["seconds"] for s in summaries])),
+        "matching_loss_first": float(np.mean([s["loss_first"] for s in summaries])),
+        "matching_loss_last": float(np.mean([s["loss_last"] for s in summaries])),
+    }

@@ -1,0 +1,81 @@
+"""Shared test set-up: offline tools, a tiny params file, one Prefect test server per session."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+os.environ.update(
+    {
+        "DO_NOT_TRACK": "true",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        "DVC_NO_ANALYTICS": "1",
+        "RAY_USAGE_STATS_ENABLED": "0",
+    }
+)
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+
+ROOT = Path(__file__).resolve().parents[1]
+
+TINY = {
+    "base": {"seed": 0, "device": "cpu"},
+    "data": {"name": "digits", "subset": {"train": 200, "test": 60, "seed": 0}},
+    "model": {"name": "convnet", "width": 8, "depth": 2},
+    "train": {"epochs": 4, "batch_size": 32, "lr": 0.2, "checkpoint_every": 1},
+    "cluster": {"k_per_class": 2},
+    "distill": {"ipc": 1, "iterations": 5},
+    "execution": {"runner": "serial"},
+    "perturb": {"n_u": 2, "step_size": 0.001},
+    "report": {"n_examples": 2},
+}
+
+
+@pytest.fixture(scope="session")
+def prefect_server(tmp_path_factory):
+    """One temporary Prefect server for the whole session (starting one costs ~10 s)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+def make_project(folder: Path, params: dict) -> Path:
+    """A git + DVC project in `folder` with this repository's code, dvc.yaml and the given params.yaml."""
+    for name in ("ddm_ops", "stages", "pipeline"):
+        shutil.copytree(ROOT / name, folder / name, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "dvc.yaml", folder / "dvc.yaml")
+    write_params(folder, params)
+    (folder / ".gitignore").write_text("/mlflow.db\n/mlartifacts/\n__pycache__/\n")
+    run = lambda *cmd: subprocess.run(cmd, cwd=folder, check=True, capture_output=True, text=True)  # noqa: E731
+    run("git", "init", "-q")
+    run("git", "config", "user.email", "test@example.com")
+    run("git", "config", "user.name", "test")
+    run(sys.executable, "-m", "dvc", "init", "-q")
+    run(sys.executable, "-m", "dvc", "config", "core.analytics", "false")
+    run("git", "add", "-A")
+    run("git", "commit", "-qm", "project")
+    return folder
+
+
+def write_params(folder: Path, params: dict) -> None:
+    """params.yaml with every block present (DVC requires each declared block), `params` over the defaults."""
+    from ddm_ops.config import parse_params
+
+    full = json.loads(parse_params({}).model_dump_json())
+    for block, values in params.items():
+        full[block] = {**full[block], **values} if isinstance(values, dict) else values
+    (folder / "params.yaml").write_text(yaml.safe_dump(full, sort_keys=False))
+
+
+def dvc(folder: Path, *args: str) -> subprocess.CompletedProcess:
+    """Run dvc in `folder` with this interpreter's environment first on PATH (stages call `python`)."""
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    return subprocess.run([sys.executable, "-m", "dvc", *args], cwd=folder, capture_output=True, text=True, env=env)

@@ -1,0 +1,46 @@
+"""Bad parameters fail before any work, naming the key, the value and what is allowed."""
+
+import pytest
+
+from ddm_ops.config import Params, ParamsError, load_params, parse_params
+from ddm_ops.data import load_dataset
+from stages.common import check_params_against_data
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ({"data": {"name": "imagenet-1k"}}, ["data.name", "'imagenet-1k'", "'digits'"]),
+        ({"model": {"name": "transformer"}}, ["model.name", "'transformer'", "'convnet'", "'mlp'"]),
+        ({"train": {"epochs": 0}}, ["train.epochs", "0", "greater than 0"]),
+        ({"train": {"batch_size": -3}}, ["train.batch_size", "-3", "greater than 0"]),
+        ({"distill": {"pairing": "fifo"}}, ["distill.pairing", "'fifo'", "'mirrored'", "'lifo'"]),
+        ({"distill": {"direction": "sideways"}}, ["distill.direction", "'sideways'", "'reverse'", "'forward'"]),
+        ({"execution": {"runner": "slurm"}}, ["execution.runner", "'slurm'", "'serial'", "'thread'", "'process'"]),
+        ({"distill": {"ipcc": 3}}, ["unknown key", "distill.ipcc"]),
+        ({"base": {"device": "tpu"}}, ["base.device", "'tpu'", "auto, cpu, cuda, cuda:N"]),
+    ],
+)
+def test_bad_params_name_key_value_and_allowed(raw, expected):
+    with pytest.raises(ParamsError) as err:
+        parse_params(raw, "params.yaml")
+    for part in expected:
+        assert part in str(err.value)
+
+
+def test_defaults_are_the_shipped_params_file():
+    from conftest import ROOT
+
+    assert load_params(ROOT / "params.yaml") == Params()
+
+
+def test_missing_params_file_is_named(tmp_path):
+    with pytest.raises(ParamsError, match="nope.yaml: parameters file not found"):
+        load_params(tmp_path / "nope.yaml")
+
+
+def test_k_per_class_larger_than_a_class_is_rejected():
+    p = parse_params({"data": {"subset": {"train": 50, "test": 20}}, "cluster": {"k_per_class": 6}})
+    ds = load_dataset(p.data)
+    with pytest.raises(ParamsError, match=r"cluster.k_per_class = 6: must be at most .* \(5 samples of class"):
+        check_params_against_data(p, ds)

@@ -1,0 +1,137 @@
+"""Known-answer tests of the method's building blocks."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from ddm_ops.attribution import distances, scores
+from ddm_ops.cluster import cluster_within_classes, nearest_members
+from ddm_ops.config import ModelParams, TrainParams
+from ddm_ops.distill import matching_pairs
+from ddm_ops.matching import gradient_distance
+from ddm_ops.models import build_model
+from ddm_ops.objectives import margin
+from ddm_ops.train import Checkpoint, DivergenceError, train
+
+
+def _grads(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {"w": torch.randn(4, 3, generator=g), "b": torch.randn(4, generator=g)}
+
+
+def test_gradient_distance_known_answers():
+    a = _grads()
+    assert gradient_distance(a, a).item() == pytest.approx(0.0, abs=1e-6)
+    # a == -b: cosine distance 2 for every row of every layer, equal norms
+    assert gradient_distance(a, {k: -v for k, v in a.items()}).item() == pytest.approx(4.0, abs=1e-5)
+    # same directions, twice the norm: only the magnitude term, (ln 2)^2 per layer
+    double = {k: 2 * v for k, v in a.items()}
+    assert gradient_distance(double, a, magnitude_weight=1.0).item() == pytest.approx(2 * math.log(2) ** 2, rel=1e-5)
+    assert gradient_distance(double, a, magnitude_weight=0.0).item() == pytest.approx(0.0, abs=1e-6)
+    # orthogonal rows by hand: w rows e1 vs e2 -> cosine distance 1 per row; b equal
+    w1 = torch.eye(3)[[0, 0]]
+    w2 = torch.eye(3)[[1, 1]]
+    assert gradient_distance({"w": w1}, {"w": w2}).item() == pytest.approx(1.0, abs=1e-6)
+    # symmetric when norms agree
+    b = _grads(1)
+    b = {k: v / v.norm() * a[k].norm() for k, v in b.items()}
+    assert gradient_distance(a, b).item() == pytest.approx(gradient_distance(b, a).item(), rel=1e-6)
+
+
+def test_gradient_distance_batched_matches_loop():
+    a = {k: torch.stack([v, 2 * v, -v]) for k, v in _grads().items()}
+    b = {k: torch.stack([v, v, v]) for k, v in _grads().items()}
+    batched = gradient_distance(a, b, batch_dims=1)
+    single = [gradient_distance({k: v[i] for k, v in a.items()}, {k: v[i] for k, v in b.items()}) for i in range(3)]
+    assert torch.allclose(batched, torch.stack(single), atol=1e-6)
+
+
+def test_distances_by_hand():
+    base = torch.log(torch.tensor([[0.5, 0.5]]))
+    removed = torch.log(torch.tensor([[[0.8, 0.2]]]))
+    d = distances(base, removed)
+    l2 = math.sqrt(0.3**2 + 0.3**2)
+    assert d["dist1"].item() == pytest.approx(100 * l2, rel=1e-5)
+    assert d["dist2"].item() == pytest.approx(0.5 * math.log(0.5 / 0.8) + 0.5 * math.log(0.5 / 0.2), rel=1e-5)
+    assert d["dist3"].item() == pytest.approx(1 / (1 + l2), rel=1e-5)
+    same = distances(base, base[None])
+    assert same["dist1"].item() == pytest.approx(0.0, abs=1e-5) and same["dist3"].item() == pytest.approx(1.0)
+
+
+def test_margin_and_score_sign():
+    logits = torch.tensor([[3.0, 1.0, 2.0]])
+    assert margin(logits, torch.tensor([0])).item() == 1.0
+    assert margin(logits, torch.tensor([1])).item() == -2.0
+    worse = torch.tensor([[[1.0, 1.0, 2.0]]])  # removing the cluster lowers class 0's margin: it helped
+    assert scores(logits, worse, torch.tensor([0])).item() == pytest.approx(2.0)
+
+
+def test_clusters_stay_within_one_class():
+    rng = np.random.default_rng(0)
+    labels = np.repeat([0, 1, 2], 20)
+    features = rng.normal(size=(60, 5)) + labels[:, None]
+    ids, dist = cluster_within_classes(features, labels, 3, seed=0)
+    assert sorted(np.unique(ids)) == list(range(9))
+    for c in np.unique(ids):
+        assert len(np.unique(labels[ids == c])) == 1 and labels[ids == c][0] == c // 3
+    first = nearest_members(ids, dist, 4, 2)
+    assert (ids[first] == 4).all() and dist[first[0]] <= dist[first[1]]
+    with pytest.raises(ValueError, match="k_per_class = 21: class 0 has only 20"):
+        cluster_within_classes(features, labels, 21, seed=0)
+
+
+def test_matching_pairs():
+    syn, real, sign = matching_pairs(4, "mirrored", "reverse")
+    assert syn.tolist() == [4, 3, 2, 1] and real.tolist() == [0, 1, 2, 3] and sign == -1.0
+    syn, real, sign = matching_pairs(4, "lifo", "reverse")
+    assert syn.tolist() == [4, 3, 2, 1] and real.tolist() == [3, 2, 1, 0]
+    syn, real, sign = matching_pairs(4, "mirrored", "forward")
+    assert syn.tolist() == real.tolist() == [0, 1, 2, 3] and sign == 1.0
+
+
+def _data(n=64):
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(n, 1, 8, 8, generator=g), torch.randint(0, 3, (n,), generator=g)
+
+
+def _train(keep=None, seed=0, **kw):
+    x, y = _data()
+    model = build_model(ModelParams(width=4), (1, 8, 8), 3, seed)
+    ckpts: list[Checkpoint] = []
+    train(
+        model,
+        x,
+        y,
+        TrainParams(**{"epochs": 3, "batch_size": 16, "checkpoint_every": 1, **kw}),
+        seed,
+        keep=keep,
+        on_checkpoint=ckpts.append,
+    )
+    return model, ckpts
+
+
+def test_training_is_deterministic_and_checkpoints_the_trajectory():
+    (a, ca), (b, _) = _train(), _train()
+    for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert ka == kb and torch.equal(va, vb)
+    assert [c.epoch for c in ca] == [0, 1, 2, 3] and [c.epochs for c in ca] == [1, 1, 1, 0]
+    assert ca[-1].lr == 0.0 and ca[0].lr == 0.05 and ca[1].step == 4
+    _, coarse = _train(checkpoint_every=2)
+    assert [c.epoch for c in coarse] == [0, 2, 3] and [c.epochs for c in coarse] == [2, 1, 0]
+    c, _ = _train(seed=1)
+    assert not torch.equal(a.classifier.weight, c.classifier.weight)
+
+
+def test_aligned_training_with_all_kept_equals_full_training():
+    full, _ = _train()
+    kept, _ = _train(keep=torch.ones(64, dtype=torch.bool))
+    assert torch.equal(full.classifier.weight, kept.classifier.weight)
+    dropped, _ = _train(keep=torch.arange(64) >= 8)
+    assert not torch.equal(full.classifier.weight, dropped.classifier.weight)
+
+
+def test_divergence_names_the_step():
+    with pytest.raises(DivergenceError, match=r"loss is (nan|inf) at step \d+ \(epoch \d+\)"):
+        _train(lr=1e30)

@@ -1,0 +1,74 @@
+"""The Prefect flow: one task per DVC stage, from dvc.yaml's graph; per-cluster tasks; the scheduled deployment."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from conftest import TINY, make_project
+
+from stages import STAGES
+
+
+async def _task_runs(flow_run_id):
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    async with get_client() as client:
+        return await client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+
+
+async def _flow_runs_named(name):
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName
+
+    async with get_client() as client:
+        return await client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=[name])))
+
+
+def test_flow_runs_one_task_per_dvc_stage(prefect_server, tmp_path):
+    from pipeline.flow import ddm_pipeline, stage_graph
+
+    folder = make_project(tmp_path / "proj", TINY)
+    graph = stage_graph(folder)
+    assert graph["distill"] == ["cluster", "train_target"] and graph["train_target"] == []
+    assert set(graph) == set(STAGES)
+    state = ddm_pipeline(str(folder), return_state=True)
+    assert state.is_completed(), state.message
+    runs = asyncio.run(_task_runs(state.state_details.flow_run_id))
+    assert sorted(r.name for r in runs) == sorted(STAGES)
+    assert all(r.state.is_completed() for r in runs)
+    order = [r.name for r in sorted(runs, key=lambda r: r.start_time)]
+    assert order.index("train_target") < order.index("distill") < order.index("perturb") < order.index("report")
+    # the stage's per-cluster fan-out reported to the same server: one task per cluster
+    fan_out = asyncio.run(_flow_runs_named("distill-fan-out"))
+    assert fan_out, "the distill stage's flow did not report to the flow's server"
+    tasks = asyncio.run(_task_runs(fan_out[0].id))
+    assert sorted(t.name for t in tasks) == sorted(f"distill-cluster_id-{c}" for c in range(20))
+    assert (folder / "outputs/attribute/attribution.parquet").is_file()
+
+
+def test_bad_params_fail_the_flow_before_any_stage(prefect_server, tmp_path):
+    from ddm_ops.config import ParamsError
+    from pipeline.flow import ddm_pipeline
+
+    folder = make_project(tmp_path / "bad", {**TINY, "distill": {"direction": "backwards"}})
+    with pytest.raises(ParamsError, match="distill.direction = 'backwards'"):
+        ddm_pipeline(str(folder))
+    assert not (folder / "outputs").exists()
+
+
+def test_serve_registers_a_cron_deployment(prefect_server, tmp_path):
+    from prefect import get_client
+
+    from pipeline.flow import deployment
+
+    deployment_id = deployment("0 3 * * *", tmp_path, name="nightly").apply()
+
+    async def read():
+        async with get_client() as client:
+            return await client.read_deployment(deployment_id)
+
+    d = asyncio.run(read())
+    assert d.name == "nightly" and d.parameters == {"root": str(tmp_path.resolve())}
+    assert [s.schedule.cron for s in d.schedules] == ["0 3 * * *"]

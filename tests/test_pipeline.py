@@ -1,0 +1,132 @@
+"""End to end in a temporary git + DVC project: dvc repro, caching, params, experiments, MLflow, Prefect."""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+import subprocess
+import sys
+
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+import torch
+from conftest import TINY, dvc, make_project, write_params
+
+from stages import STAGES
+
+SCHEMAS = {
+    "cluster/assignments.parquet": ["train_index", "label", "cluster_id", "centroid_distance"],
+    "cluster/clusters.parquet": ["cluster_id", "label", "size"],
+    "train_target/history.parquet": ["epoch", "step", "lr", "loss", "test_accuracy"],
+    "record_trajectory/trajectory.parquet": [
+        "checkpoint",
+        "epoch",
+        "step",
+        "lr",
+        "epochs",
+        "path",
+        "param_norm",
+        "distance_to_final",
+    ],
+    "distill/matching.parquet": ["cluster_id", "iteration", "loss"],
+    "perturb/outputs.parquet": ["cluster_id", "test_index", "class", "logit"],
+    "attribute/attribution.parquet": ["cluster_id", "test_index", "objective", "score", "dist1", "dist2", "dist3"],
+}
+
+
+def ran(result: subprocess.CompletedProcess) -> list[str]:
+    assert result.returncode == 0, result.stdout + result.stderr
+    return re.findall(r"Running stage '(\w+)'", result.stdout)
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    folder = make_project(tmp_path_factory.mktemp("proj"), TINY)
+    assert ran(dvc(folder, "repro")) == list(STAGES)
+    return folder
+
+
+def test_repro_writes_every_artifact_with_its_schema(project):
+    out = project / "outputs"
+    for rel, columns in SCHEMAS.items():
+        table = pq.read_table(out / rel)
+        assert table.column_names == columns, rel
+        assert b"description" in table.schema.metadata, rel
+    assign = pd.read_parquet(out / "cluster/assignments.parquet")
+    assert len(assign) == 200 and assign.groupby("cluster_id")["label"].nunique().max() == 1
+    assert assign["cluster_id"].nunique() == 20
+    attribution = pd.read_parquet(out / "attribute/attribution.parquet")
+    assert len(attribution) == 20 * 60 * 3 and set(attribution["objective"]) == {"margin", "loss", "probability"}
+    assert attribution["score"].abs().sum() > 0 and (attribution["dist1"] >= 0).all()
+    assert ((attribution["dist3"] > 0) & (attribution["dist3"] <= 1)).all()
+    outputs = pd.read_parquet(out / "perturb/outputs.parquet")
+    assert sorted(outputs["cluster_id"].unique()) == [-1, *range(20)]
+    synset = torch.load(out / "distill/synset.pt", weights_only=True)
+    assert synset["images"].shape == (20, 1, 1, 8, 8) and synset["labels"].shape == (20, 1, 10)
+    assert torch.allclose(synset["labels"].sum(-1), torch.ones(20, 1))
+    assert len(list((out / "train_target/checkpoints").glob("ckpt_*.pt"))) == 5
+    for stage in STAGES:
+        assert json.loads((out / stage / "metrics.json").read_text())["stage_seconds"] > 0
+    report = (out / "report/report.md").read_text()
+    assert "![heatmap](heatmap.png)" in report and (out / "report/heatmap.png").stat().st_size > 1000
+    assert not list(out.glob(".*staging"))
+
+
+def test_second_repro_runs_nothing_and_a_param_reruns_exactly_its_stages(project):
+    assert ran(dvc(project, "repro")) == []
+    params = copy.deepcopy(TINY)
+    params["perturb"]["step_size"] = 0.002
+    write_params(project, params)
+    assert ran(dvc(project, "repro")) == ["perturb", "attribute", "report"]
+    params["execution"]["runner"] = "thread"  # how work is spread is not a dependency
+    write_params(project, params)
+    assert ran(dvc(project, "repro")) == []
+
+
+def test_dvc_exp_run_with_a_set_param(project):
+    subprocess.run(["git", "add", "-A"], cwd=project, check=True)
+    subprocess.run(["git", "commit", "-qm", "lock"], cwd=project, check=True)
+    assert ran(dvc(project, "exp", "run", "-S", "distill.ipc=2")) == ["distill", "perturb", "attribute", "report"]
+    synset = torch.load(project / "outputs/distill/synset.pt", weights_only=True)
+    assert synset["images"].shape[1] == 2
+
+
+def test_every_pipeline_run_is_an_mlflow_run_with_nested_stage_runs(project):
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("ddm")
+    runs = client.search_runs([experiment.experiment_id], order_by=["attributes.start_time ASC"])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parents) >= 1
+    first = parents[0]
+    assert 0.5 < first.data.metrics["test_accuracy"] <= 1.0
+    assert first.data.metrics["online_seconds"] > 0 and first.data.params["distill.ipc"] == "1"
+    assert first.data.tags["dataset"] == "digits"
+    artifacts = {a.path for a in client.list_artifacts(first.info.run_id)}
+    assert {"attribution.parquet", "assignments.parquet", "report.md", "heatmap.png"} <= artifacts
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == first.info.run_id]
+    assert sorted(r.data.tags["stage"] for r in children) == sorted(s for s in STAGES if s != "report")
+    distill = next(r for r in children if r.data.tags["stage"] == "distill")
+    assert distill.data.params["distill.pairing"] == "mirrored" and "train.lr" not in distill.data.params
+    assert distill.data.metrics["distill_seconds"] > 0
+
+
+def test_bad_params_fail_before_training_and_leave_no_output(tmp_path):
+    params = copy.deepcopy(TINY)
+    params["cluster"]["k_per_class"] = 50  # the tiny subset has ~20 samples per class
+    folder = make_project(tmp_path / "bad", params)
+    result = subprocess.run(
+        [sys.executable, "-m", "pipeline", "run", "train_target"], cwd=folder, capture_output=True, text=True
+    )
+    assert result.returncode == 2
+    assert "cluster.k_per_class = 50: must be at most the smallest class's training size" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (folder / "outputs" / "train_target").exists()
+    params["distill"]["pairing"] = "fifo"
+    write_params(folder, params)
+    result = dvc(folder, "repro")
+    assert result.returncode != 0 and "distill.pairing = 'fifo'" in result.stderr + result.stdout
+    assert not (folder / "outputs" / "train_target").exists()
