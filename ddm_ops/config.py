@@ -6,7 +6,16 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PositiveFloat,
+    PositiveInt,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 
 class ParamsError(ValueError):
@@ -91,9 +100,21 @@ class ExecutionParams(_Block):
     )
 
 
+class GroundTruthParams(_Block):
+    enabled: bool = Field(False, description="Retrain without each cluster and without random halves (slow).")
+    subsets: PositiveInt = Field(20, description="Random within-class halves of the clusters (group-LDS).")
+    keep_fraction: float = Field(0.5, gt=0.0, lt=1.0, description="Share of each class's clusters a subset keeps.")
+    seeds: PositiveInt = Field(3, description="Seeds of the resampled flavour (fresh batch order and init).")
+    calibration_clusters: int = Field(
+        3, ge=0, description="Retrained clusters used to fit removal step sizes, then left out of the evaluation."
+    )
+
+
 class PerturbParams(_Block):
     n_u: PositiveInt = Field(3, description="SGD steps on the synset that remove one cluster.")
-    step_size: PositiveFloat = Field(0.0005, description="Learning rate of each removal step.")
+    step_size: PositiveFloat | Literal["auto"] = Field(
+        0.0002, description="Learning rate of each removal step; auto fits it on the calibration clusters."
+    )
 
 
 class AttributeParams(_Block):
@@ -102,6 +123,11 @@ class AttributeParams(_Block):
         min_length=1,
         description="Outputs o_j whose drop is the score (positive = the cluster helps); the first is the headline.",
     )
+
+
+class BaselinesParams(_Block):
+    enabled: bool = Field(False, description="Compute the reference methods next to DDM (needs ground_truth).")
+    gradient_ascent_steps: PositiveInt = Field(3, description="Ascent steps on the real cluster from θ_T.")
 
 
 class ReportParams(_Block):
@@ -119,18 +145,36 @@ class Params(_Block):
     cluster: ClusterParams = ClusterParams()
     distill: DistillParams = DistillParams()
     execution: ExecutionParams = ExecutionParams()
+    ground_truth: GroundTruthParams = GroundTruthParams()
     perturb: PerturbParams = PerturbParams()
     attribute: AttributeParams = AttributeParams()
+    baselines: BaselinesParams = BaselinesParams()
     report: ReportParams = ReportParams()
+
+    @model_validator(mode="after")
+    def _calibration_needs_ground_truth(self) -> Params:
+        gt = self.ground_truth
+        if self.perturb.step_size == "auto" and not (gt.enabled and gt.calibration_clusters > 0):
+            raise ValueError(
+                "perturb.step_size = 'auto' needs ground_truth.enabled: true and ground_truth.calibration_clusters > 0"
+            )
+        if self.baselines.enabled and not (gt.enabled and gt.calibration_clusters > 0):
+            raise ValueError(
+                "baselines.enabled = true needs ground_truth.enabled: true and ground_truth.calibration_clusters > 0 "
+                "(gradient ascent's step size is calibrated like DDM's)"
+            )
+        return self
 
 
 def _format_error(err: ValidationError, source: str) -> str:
     lines = []
     for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        key = ".".join(str(p) for p in e["loc"])
         value = e.get("input")
         msg = e["msg"].removeprefix("Value error, ")
-        if e["type"] == "extra_forbidden":
+        if not key:  # a rule across blocks: the message names the keys
+            lines.append(f"{source}: {msg}")
+        elif e["type"] == "extra_forbidden":
             lines.append(f"{source}: unknown key {key!r}")
         else:
             lines.append(f"{source}: {key} = {value!r}: {msg}")

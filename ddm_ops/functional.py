@@ -52,3 +52,14 @@ def batched_grads(
 def batched_logits(model: nn.Module, params: Weights, buffers: Weights, x: torch.Tensor) -> torch.Tensor:
     """Logits (n_weight_sets, N, classes) of each weight set on the same inputs x."""
     return vmap(lambda p, b: functional_call(model, (p, b), (x,)))(params, buffers)
+
+
+def per_sample_grads(
+    model: nn.Module, params: Weights, buffers: Weights, x: torch.Tensor, labels: torch.Tensor, objective
+) -> Weights:
+    """Gradient of objective(logits, label) for every sample (N, ...) at one weight set (e.g. test-margin gradients)."""
+
+    def one(p: Weights, xi: torch.Tensor, yi: torch.Tensor) -> torch.Tensor:
+        return objective(functional_call(model, (p, buffers), (xi[None],)), yi[None])[0]
+
+    return vmap(grad(one), in_dims=(None, 0, 0))(params, x, labels)

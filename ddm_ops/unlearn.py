@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.func import functional_call
 
 from ddm_ops.functional import Weights, batched_grads
 
@@ -31,3 +32,12 @@ def unlearn(
             g = batched_grads(model, p, b, images, labels, data_batched=True)
             p = {k: p[k] - sign * step_size * g[k] for k in p}
     return p
+
+
+@torch.no_grad()
+def outputs_of(model: nn.Module, params: Weights, buffers: Weights, x: torch.Tensor) -> torch.Tensor:
+    """Logits (R, N, classes) on x of each of R stacked parameter sets sharing `buffers` (one pass per model)."""
+    r = len(next(iter(params.values())))
+    return torch.stack(
+        [functional_call(model, ({k: v[i] for k, v in params.items()}, buffers), (x,)) for i in range(r)]
+    )

@@ -1,3 +1,13 @@
 """One module per DVC stage; each has a pure `run(params, paths, out) -> metrics`."""
 
-STAGES = ("train_target", "record_trajectory", "cluster", "distill", "perturb", "attribute", "report")
+STAGES = (
+    "train_target",
+    "record_trajectory",
+    "cluster",
+    "distill",
+    "ground_truth",
+    "perturb",
+    "attribute",
+    "baselines",
+    "report",
+)

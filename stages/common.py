@@ -19,6 +19,7 @@ import torch
 
 from ddm_ops.config import Params, ParamsError
 from ddm_ops.data import Dataset, load_dataset
+from ddm_ops.evaluation import Truth
 from ddm_ops.models import build_model
 from ddm_ops.train import Checkpoint
 
@@ -99,6 +100,36 @@ def check_params_against_data(params: Params, ds: Dataset) -> None:
         raise ParamsError(f"model.depth = {params.model.depth}: {h}x{h} images allow at most {h.bit_length() - 1}")
 
 
+def load_ground_truth(paths: Paths, params: Params) -> Truth:
+    folder = paths.stage("ground_truth")
+    retrain = read_parquet(folder / "retrain.parquet")
+    roles = read_parquet(folder / "roles.parquet").sort_values("cluster_id")
+    masks = read_parquet(folder / "masks.parquet").sort_values(["subset_id", "cluster_id"])
+    k = len(roles)
+    m = masks["subset_id"].nunique()
+    full, cluster, subset = {}, {}, {}
+    for seed, part in retrain.groupby("seed"):
+        part = part.sort_values(["removal", "cluster_id", "subset_id", "test_index", "class"])
+        c = part["class"].max() + 1
+        for removal, rows in part.groupby("removal"):
+            logits = rows["logit"].to_numpy(np.float32, copy=True).reshape(-1, rows["test_index"].nunique(), c)
+            {"full": full, "cluster": cluster, "subset": subset}[removal][int(seed)] = (
+                logits[0] if removal == "full" else logits
+            )
+    seeds = sorted(full)
+    return Truth(
+        enabled=bool(len(retrain)),
+        aligned_seed=params.base.seed,
+        resampled_seeds=[s for s in seeds if s != params.base.seed],
+        full=full,
+        cluster=cluster,
+        subset=subset,
+        masks=masks["kept"].to_numpy().reshape(m, k),
+        calibration=np.flatnonzero(roles["role"] == "calibration"),
+        evaluation=np.flatnonzero(roles["role"] == "evaluation"),
+    )
+
+
 def new_model(params: Params, ds: Dataset, seed: int | None = None) -> torch.nn.Module:
     return build_model(params.model, ds.image_shape, ds.num_classes, params.base.seed if seed is None else seed)
 
@@ -114,3 +145,21 @@ def load_checkpoints(folder: Path) -> list[Checkpoint]:
     if not files:
         raise FileNotFoundError(f"{folder}: no checkpoints; run train_target (dvc repro)")
     return [Checkpoint(**load_tensors(f)) for f in files]
+
+
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend (no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, path: Path) -> Path:
+    """Lay out, write as PNG and close a figure; return its path."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    pyplot().close(fig)
+    return path

@@ -10,21 +10,13 @@ import pandas as pd
 
 from ddm_ops.config import Params
 from ddm_ops.data import Dataset
-from pipeline.tracking import log_pipeline_run
+from pipeline.tracking import flatten, log_pipeline_run
 from stages import STAGES
-from stages.common import Paths, dataset, load_tensors, read_parquet
+from stages.common import Paths, dataset, load_tensors, pyplot, read_parquet, save_figure
+from stages.quality import figure_quality, quality, quality_table
 
 REAL_PER_ROW = 6
 TOP = 3
-
-
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def _show(ax, image: np.ndarray, title: str = "") -> None:
@@ -41,7 +33,7 @@ def _pixels(ds: Dataset, x) -> np.ndarray:
 
 def figure_synsets(ds: Dataset, synset: dict, assign: pd.DataFrame, path: Path) -> None:
     """One cluster per class: its synset images, then real members nearest the centroid."""
-    plt = _plt()
+    plt = pyplot()
     ids = synset["cluster_ids"].numpy()
     labels = assign.groupby("cluster_id")["label"].first()
     chosen = [int(ids[labels.loc[ids].to_numpy() == c][0]) for c in sorted(labels.unique())]
@@ -61,16 +53,14 @@ def figure_synsets(ds: Dataset, synset: dict, assign: pd.DataFrame, path: Path) 
             else:
                 ax.axis("off")
     fig.suptitle("Synset images (left) next to real members of the same cluster (right)", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def figure_heatmap(
     matrix: np.ndarray, cluster_labels: np.ndarray, test_labels: np.ndarray, objective: str, path: Path
 ) -> None:
     """Attribution matrix, clusters grouped by class (rows), test samples grouped by class (columns)."""
-    plt = _plt()
+    plt = pyplot()
     rows, cols = np.argsort(cluster_labels, kind="stable"), np.argsort(test_labels, kind="stable")
     m = matrix[rows][:, cols]
     lim = float(np.quantile(np.abs(m), 0.99)) or 1.0
@@ -84,16 +74,14 @@ def figure_heatmap(
     ax.set_ylabel("clusters (grouped by class)")
     ax.set_title(f"Attribution: drop of the {objective} when the cluster is removed (red = the cluster helps)")
     fig.colorbar(im, ax=ax, fraction=0.03)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def figure_examples(
     ds: Dataset, matrix: np.ndarray, cluster_ids: np.ndarray, assign: pd.DataFrame, examples: np.ndarray, path: Path
 ) -> None:
     """For each example test sample: the image, its most helpful and most harmful clusters (nearest member)."""
-    plt = _plt()
+    plt = pyplot()
     representative = assign.groupby("cluster_id")["centroid_distance"].idxmin()  # training position per cluster
     fig, axes = plt.subplots(
         len(examples), 1 + 2 * TOP, figsize=(1.3 * (1 + 2 * TOP), 1.4 * len(examples)), squeeze=False
@@ -109,14 +97,12 @@ def figure_examples(
         "Most helpful (left) and most harmful (right) clusters, each shown by its member nearest the centroid",
         fontsize=9,
     )
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def figure_matching(matching: pd.DataFrame, path: Path) -> None:
     """Matching loss per iteration: median and 10-90% band over clusters."""
-    plt = _plt()
+    plt = pyplot()
     q = matching.groupby("iteration")["loss"].quantile([0.1, 0.5, 0.9]).unstack()
     fig, ax = plt.subplots(figsize=(5, 3))
     ax.fill_between(q.index, q[0.1], q[0.9], alpha=0.3, label="10-90% of clusters")
@@ -125,9 +111,7 @@ def figure_matching(matching: pd.DataFrame, path: Path) -> None:
     ax.set_ylabel("gradient distance")
     ax.set_title("Reverse gradient matching loss", fontsize=9)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def summarise(stage_metrics: dict[str, dict]) -> dict[str, float]:
@@ -135,7 +119,11 @@ def summarise(stage_metrics: dict[str, dict]) -> dict[str, float]:
     train = stage_metrics["train_target"]["train_seconds"]
     perturb = stage_metrics["perturb"]
     online = perturb["online_seconds"] + stage_metrics["attribute"]["attribute_seconds"]
+    retrain = stage_metrics["ground_truth"]["seconds_per_retraining"]
+    speed = {"seconds_per_retraining": retrain, "speedup_vs_retraining": retrain / perturb["seconds_per_removal"]}
     return {
+        **(speed if retrain else {}),
+        "step_size": perturb["step_size"],
         "test_accuracy": stage_metrics["train_target"]["test_accuracy"],
         "train_seconds": train,
         "online_seconds": online,
@@ -149,7 +137,35 @@ def summarise(stage_metrics: dict[str, dict]) -> dict[str, float]:
     }
 
 
-def _markdown(params: Params, summary: dict, top: pd.DataFrame, objective: str, k: int) -> str:
+def _quality_markdown(table: pd.DataFrame) -> list[str]:
+    methods = table[table["method"] != "reference"].set_index("method").dropna(axis=1, how="all")
+    reference = table[table["method"] == "reference"].set_index("method").dropna(axis=1)
+    return [
+        "## Quality against retraining",
+        "",
+        "LOGO: per test sample, Spearman across the evaluation clusters of predicted vs true effect of removing one "
+        "cluster (aligned: the exact counterfactual of this model; resampled: mean over fresh seeds). LDS: group-LDS "
+        "over random within-class halves of the clusters. `class_margin`: per-class mean margin; `test_loss`: the "
+        "whole test set's loss. Removing one small cluster moves a ConvNet less than its training chaos does, so "
+        "single-cluster, single-sample numbers are low for every method; the group-level and aggregated rows carry "
+        "the signal. `class_indicator` and `input_similarity` are trivial baselines a method must beat.",
+        "",
+        methods.T.to_markdown(floatfmt=".3f"),
+        "",
+        "Noise ceiling (one seed's ground truth against another's) and fidelity baselines (Dist1 to the retrained "
+        "model):",
+        "",
+        reference.T.to_markdown(floatfmt=".3f"),
+        "",
+        "![predicted vs true](figures/predicted_vs_true.png) ![LOGO per test sample](figures/logo_per_test.png)",
+        "![fidelity](figures/fidelity.png)",
+        "",
+    ]
+
+
+def _markdown(
+    params: Params, summary: dict, top: pd.DataFrame, objective: str, k: int, quality: pd.DataFrame | None
+) -> str:
     lines = [
         f"# DDM report: {params.data.name}, {params.model.name}, K = {k} clusters",
         "",
@@ -163,21 +179,22 @@ def _markdown(params: Params, summary: dict, top: pd.DataFrame, objective: str, 
         "",
         top.to_markdown(index=False),
         "",
+        *(_quality_markdown(quality) if quality is not None else []),
         "## Synsets",
         "",
-        "![synsets](synsets.png)",
+        "![synsets](figures/synsets.png)",
         "",
         "## Attribution matrix",
         "",
-        "![heatmap](heatmap.png)",
+        "![heatmap](figures/heatmap.png)",
         "",
         "## Most helpful and harmful clusters for a few test samples",
         "",
-        "![examples](examples.png)",
+        "![examples](figures/examples.png)",
         "",
         "## Matching",
         "",
-        "![matching](matching.png)",
+        "![matching](figures/matching.png)",
         "",
     ]
     return "\n".join(lines)
@@ -187,22 +204,33 @@ def run(params: Params, paths: Paths, out: Path) -> dict:
     ds = dataset(params)
     stage_metrics = {s: json.loads((paths.stage(s) / "metrics.json").read_text()) for s in STAGES if s != "report"}
     summary = summarise(stage_metrics)
+    figures = out / "figures"
+    figures.mkdir()
+    clusters = read_parquet(paths.stage("cluster") / "clusters.parquet").set_index("cluster_id").sort_index()
+    evaluated = quality(paths, params, ds)
+    table = None
+    if evaluated is not None:
+        results, truth, found, base = evaluated
+        table = quality_table(results)
+        summary.update({k: v for k, v in flatten(results).items() if np.isfinite(v)})
+        ddm = f"ddm_{params.distill.direction}"
+        labels = clusters["label"].to_numpy()
+        figure_quality(truth, found, base, ds.y_test.numpy(), labels, results, figures, ddm)
     objective = params.attribute.objectives[0]
     attribution = read_parquet(paths.stage("attribute") / "attribution.parquet")
     attribution = attribution[attribution["objective"] == objective]
     assign = read_parquet(paths.stage("cluster") / "assignments.parquet")
-    clusters = read_parquet(paths.stage("cluster") / "clusters.parquet").set_index("cluster_id")
     wide = attribution.pivot(index="cluster_id", columns="test_index", values="score")
     matrix, cluster_ids = wide.to_numpy(), wide.index.to_numpy()
     synset = load_tensors(paths.stage("distill") / "synset.pt")
 
-    figure_synsets(ds, synset, assign, out / "synsets.png")
+    figure_synsets(ds, synset, assign, figures / "synsets.png")
     figure_heatmap(
-        matrix, clusters.loc[cluster_ids, "label"].to_numpy(), ds.y_test.numpy(), objective, out / "heatmap.png"
+        matrix, clusters.loc[cluster_ids, "label"].to_numpy(), ds.y_test.numpy(), objective, figures / "heatmap.png"
     )
     examples = np.linspace(0, len(ds.x_test) - 1, params.report.n_examples).round().astype(int)
-    figure_examples(ds, matrix, cluster_ids, assign, examples, out / "examples.png")
-    figure_matching(read_parquet(paths.stage("distill") / "matching.parquet"), out / "matching.png")
+    figure_examples(ds, matrix, cluster_ids, assign, examples, figures / "examples.png")
+    figure_matching(read_parquet(paths.stage("distill") / "matching.parquet"), figures / "matching.png")
 
     total = pd.DataFrame(
         {
@@ -213,7 +241,7 @@ def run(params: Params, paths: Paths, out: Path) -> dict:
         }
     )
     top = pd.concat([total.nlargest(5, "total_score"), total.nsmallest(5, "total_score")])
-    (out / "report.md").write_text(_markdown(params, summary, top, objective, len(cluster_ids)))
+    (out / "report.md").write_text(_markdown(params, summary, top, objective, len(cluster_ids), table))
     log_pipeline_run(
         paths.root,
         params,
@@ -221,7 +249,7 @@ def run(params: Params, paths: Paths, out: Path) -> dict:
         summary,
         [
             out / "report.md",
-            *sorted(out.glob("*.png")),
+            figures,
             paths.stage("attribute") / "attribution.parquet",
             paths.stage("cluster") / "assignments.parquet",
             paths.stage("cluster") / "clusters.parquet",

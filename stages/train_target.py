@@ -18,6 +18,7 @@ def run(params: Params, paths: Paths, out: Path) -> dict:
     ds = dataset(params)
     check_params_against_data(params, ds)
     device = resolve_device(params.base.device)
+    torch.set_num_threads(params.execution.threads_per_worker)  # as every retraining: floating-point sums agree
     model = new_model(params, ds).to(device)
     (out / "checkpoints").mkdir()
     x, y = ds.x_train.to(device), ds.y_train.to(device)

@@ -135,3 +135,38 @@ def test_aligned_training_with_all_kept_equals_full_training():
 def test_divergence_names_the_step():
     with pytest.raises(DivergenceError, match=r"loss is (nan|inf) at step \d+ \(epoch \d+\)"):
         _train(lr=1e30)
+
+
+def test_group_lds_known_answers():
+    from ddm_ops.metrics import group_lds
+
+    masks = np.array([[1, 0, 0], [1, 1, 0], [1, 1, 1], [0, 1, 1]])
+    score = np.array([[1.0, -1.0], [2.0, 0.0], [4.0, 1.0]])
+    exact = masks @ score  # an additive truth is ranked perfectly
+    mean, per = group_lds(score, exact, masks)
+    assert mean == pytest.approx(1.0) and per == pytest.approx([1.0, 1.0])
+    mean, _ = group_lds(score, -exact, masks)
+    assert mean == pytest.approx(-1.0)
+    # by hand: predicted for test 0 = [1, 3, 7, 6] ranks [1, 2, 4, 3]; truth ranks [1, 2, 3, 4] -> rho = 0.8
+    truth = np.array([[0.0, 0.0], [1.0, 1.0], [2.0, 2.0], [3.0, 3.0]])
+    _, per = group_lds(score, truth, masks)
+    assert per[0] == pytest.approx(0.8)
+
+
+def test_logo_spearman_known_answers():
+    from ddm_ops.metrics import aggregate, logo_spearman, logo_spearman_within_class
+
+    true = np.array([[0.1, 3.0], [0.2, 2.0], [0.3, 1.0]])
+    mean, per = logo_spearman(true * 5, true)
+    assert mean == pytest.approx(1.0)
+    pred = np.array([[1.0, 1.0], [3.0, 2.0], [2.0, 3.0]])  # test 0: ranks [1,3,2] vs [1,2,3] -> 0.5; test 1: -1
+    mean, per = logo_spearman(pred, true)
+    assert per == pytest.approx([0.5, -1.0]) and mean == pytest.approx(-0.25)
+    constant = np.ones((3, 2))
+    assert np.isnan(logo_spearman(constant, true)[1]).all()
+    groups = np.array([0, 0, 0, 1, 1, 1])
+    tests = np.array([0, 1])
+    big_true = np.vstack([true, true])
+    big_pred = np.vstack([true, -true])
+    assert logo_spearman_within_class(big_pred, big_true, groups, tests) == pytest.approx(0.0)  # +1 and -1
+    assert aggregate(np.array([[1.0, 3.0, 5.0]]), np.array([0, 0, 1])).tolist() == [[2.0, 5.0]]

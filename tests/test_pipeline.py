@@ -70,7 +70,7 @@ def test_repro_writes_every_artifact_with_its_schema(project):
     for stage in STAGES:
         assert json.loads((out / stage / "metrics.json").read_text())["stage_seconds"] > 0
     report = (out / "report/report.md").read_text()
-    assert "![heatmap](heatmap.png)" in report and (out / "report/heatmap.png").stat().st_size > 1000
+    assert "![heatmap](figures/heatmap.png)" in report and (out / "report/figures/heatmap.png").stat().st_size > 1000
     assert not list(out.glob(".*staging"))
 
 
@@ -106,7 +106,9 @@ def test_every_pipeline_run_is_an_mlflow_run_with_nested_stage_runs(project):
     assert first.data.metrics["online_seconds"] > 0 and first.data.params["distill.ipc"] == "1"
     assert first.data.tags["dataset"] == "digits"
     artifacts = {a.path for a in client.list_artifacts(first.info.run_id)}
-    assert {"attribution.parquet", "assignments.parquet", "report.md", "heatmap.png"} <= artifacts
+    assert {"attribution.parquet", "assignments.parquet", "report.md", "figures"} <= artifacts
+    figures = {a.path for a in client.list_artifacts(first.info.run_id, "figures")}
+    assert {"figures/heatmap.png", "figures/synsets.png"} <= figures
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == first.info.run_id]
     assert sorted(r.data.tags["stage"] for r in children) == sorted(s for s in STAGES if s != "report")
     distill = next(r for r in children if r.data.tags["stage"] == "distill")

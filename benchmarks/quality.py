@@ -1,0 +1,147 @@
+"""Attribution quality against retraining for every config in benchmarks/configs/ (or those named).
+
+Each config (params overrides on top of params.yaml's defaults) runs as its own git + DVC project under
+benchmarks/.work/<config>/ with `dvc repro`; retrainings are shared between configs through one cache
+(DDM_CACHE_DIR=benchmarks/.cache), so configs that differ only in distillation retrain nothing new.
+Writes benchmarks/results/quality.json: per config, the overrides, every quality metric, speed and timings.
+
+    python benchmarks/quality.py                     # all configs (~30 minutes on 2 cores)
+    python benchmarks/quality.py digits_k20          # one config
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "benchmarks" / "configs"
+WORK = ROOT / "benchmarks" / ".work"
+RESULT = ROOT / "benchmarks" / "results" / "quality.json"
+
+
+def params_for(overrides: dict) -> dict:
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    for block, values in overrides.items():
+        params[block] = {**params[block], **values}
+    return params
+
+
+def run_config(name: str) -> dict:
+    overrides = yaml.safe_load((CONFIGS / f"{name}.yaml").read_text())
+    folder = WORK / name
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    for part in ("ddm_ops", "stages", "pipeline"):
+        shutil.copytree(ROOT / part, folder / part, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "dvc.yaml", folder / "dvc.yaml")
+    (folder / "params.yaml").write_text(yaml.safe_dump(params_for(overrides), sort_keys=False))
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "DDM_CACHE_DIR": str(ROOT / "benchmarks" / ".cache"),
+    }
+    for cmd in (["git", "init", "-q"], [sys.executable, "-m", "dvc", "init", "-q"]):
+        subprocess.run(cmd, cwd=folder, check=True, env=env)
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "dvc", "repro", "-q"], cwd=folder, check=True, env=env)
+    wall = time.perf_counter() - start
+    stages = {p.parent.name: json.loads(p.read_text()) for p in sorted((folder / "outputs").glob("*/metrics.json"))}
+    return {"overrides": overrides, "dvc_repro_seconds": wall, "report": stages.pop("report"), "stages": stages}
+
+
+HEADLINE = [
+    ("lds_margin_aligned", "group-LDS"),
+    ("lds_class_margin_aligned", "group-LDS, class margin"),
+    ("lds_test_loss_aligned", "group-LDS, test loss"),
+    ("logo_margin_aligned", "LOGO"),
+    ("logo_margin_within_class_aligned", "LOGO within class"),
+    ("logo_margin_resampled", "LOGO vs resampled"),
+    ("fidelity_dist1", "fidelity Dist1"),
+]
+METHODS = ["ddm", "first_order", "gradient_ascent", "input_similarity", "class_indicator"]
+
+
+def _fmt(value) -> str:
+    return "–" if value is None else f"{value:.3f}"
+
+
+def summary(results: dict) -> str:
+    """Markdown tables: methods side by side for the main configs, DDM variants of digits_k50."""
+    lines = []
+    for name in ("digits_k50", "digits_k20"):
+        if name not in results:
+            continue
+        r = results[name]["report"]
+        ddm = next(k.split(".")[0] for k in r if k.startswith("ddm_"))
+        lines += [
+            f"**{name}** (against the aligned ground truth; noise ceiling = one seed's truth against another's)",
+            "",
+            "| metric | " + " | ".join(METHODS) + " | noise ceiling |",
+            "|---" * (len(METHODS) + 2) + "|",
+        ]
+        for key, label in HEADLINE:
+            view = key.removeprefix("lds_").removeprefix("logo_").removesuffix("_aligned")
+            kind = "lds" if key.startswith("lds") else "logo"
+            ceiling = (
+                r.get(f"reference.ceiling_{kind}_{view}") if "within" not in key and "resampled" not in key else None
+            )
+            if key == "fidelity_dist1":
+                ceiling = None
+            cells = [_fmt(r.get(f"{ddm if m == 'ddm' else m}.{key}")) for m in METHODS]
+            lines.append(f"| {label} | " + " | ".join(cells) + f" | {_fmt(ceiling)} |")
+        lines += [
+            "",
+            f"Do-nothing Dist1 {r['reference.fidelity_do_nothing']:.3f}, seed-noise floor "
+            f"{r['reference.fidelity_seed_noise']:.3f}; calibrated step {r['step_size']:.2g}; one removal "
+            f"{r['seconds_per_removal'] * 1000:.1f} ms vs one retraining {r['seconds_per_retraining']:.2f} s "
+            f"(**{r['speedup_vs_retraining']:.0f}×**); distillation {r['distill_seconds']:.0f} s = "
+            f"{r['distill_overhead']:.0f} target trainings.",
+            "",
+        ]
+    variants = sorted(k for k in results if k.startswith("digits_k50"))
+    if variants:
+        lines += [
+            "**DDM variants on digits_k50** (one change each)",
+            "",
+            "| config | group-LDS | group-LDS class | LOGO | fidelity Dist1 | calibrated step | distill s |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for name in variants:
+            r = results[name]["report"]
+            ddm = next(k.split(".")[0] for k in r if k.startswith("ddm_"))
+            lines.append(
+                f"| {name} | {_fmt(r.get(ddm + '.lds_margin_aligned'))} | "
+                f"{_fmt(r.get(ddm + '.lds_class_margin_aligned'))} | {_fmt(r.get(ddm + '.logo_margin_aligned'))}"
+                f" | {_fmt(r.get(ddm + '.fidelity_dist1'))} | {r['step_size']:.2g} | "
+                f"{r['distill_seconds']:.0f} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def main(names: list[str]) -> None:
+    names = names or sorted(p.stem for p in CONFIGS.glob("*.yaml"))
+    results = json.loads(RESULT.read_text()) if RESULT.is_file() else {}
+    for name in names:
+        print(f"== {name}", flush=True)
+        results[name] = run_config(name)
+        report = results[name]["report"]
+        for key in sorted(k for k in report if k.startswith("ddm_") and ("lds_" in k or "logo_margin_aligned" in k)):
+            print(f"  {key}: {report[key]:.3f}", flush=True)
+        RESULT.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
+    RESULT.with_suffix(".md").write_text(summary(results))
+    print(f"wrote {RESULT} and {RESULT.with_suffix('.md')}")
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] == ["--summary"]:  # re-render quality.md from quality.json
+        RESULT.with_suffix(".md").write_text(summary(json.loads(RESULT.read_text())))
+    else:
+        main(sys.argv[1:])

@@ -1,0 +1,30 @@
+"""Calibration of a removal step size against retrained clusters (DESIGN.md, "Calibration")."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from ddm_ops.attribution import distances
+
+STEP_GRID = tuple(float(s) for s in np.geomspace(1e-5, 1e-1, 25))
+
+
+def dist1_to(truth: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """Dist1 between paired models' outputs, averaged over test samples: truth, logits (n, M, C) -> (n,)."""
+    return torch.stack([distances(t, o[None])["dist1"].mean() for t, o in zip(truth, logits)])
+
+
+def calibrate_step(
+    remove: Callable[[float], torch.Tensor], truth: torch.Tensor, grid: tuple[float, ...] = STEP_GRID
+) -> tuple[float, list[dict]]:
+    """The step size on `grid` whose removed models are closest (mean Dist1) to the retrained ones.
+
+    remove(step) returns the removed models' test logits (n, M, C) for the n calibration clusters;
+    truth (n, M, C) holds the logits of the models retrained without them. Returns the step and the curve.
+    """
+    curve = [{"step_size": s, "dist1": float(dist1_to(truth, remove(s)).mean())} for s in grid]
+    best = min(curve, key=lambda row: row["dist1"])
+    return best["step_size"], curve

@@ -1,0 +1,243 @@
+"""Stage ground_truth: retrain without each cluster and without random halves, aligned and resampled.
+
+Aligned: the target's seed and batches with the removed samples dropped (the exact counterfactual of this
+model). Resampled: fresh seeds (the effect in expectation), plus the full data for each seed (noise floor).
+Every retraining is one Prefect task and one cached result keyed by everything it depends on, so a failed or
+repeated stage redoes only the retrainings it lacks. Disabled (the default), the stage writes empty tables.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+import ddm_ops
+from ddm_ops.config import Params
+from ddm_ops.devices import resolve_device
+from ddm_ops.groundtruth import calibration_clusters, within_class_subsets
+from ddm_ops.train import train
+from pipeline.runners import fan_out
+from stages.common import Paths, dataset, new_model, read_parquet, write_parquet
+
+CACHE = Path(".ddm_cache") / "retrain"  # under the project, or under $DDM_CACHE_DIR (shared between projects)
+CODE = ("config.py", "data.py", "models.py", "objectives.py", "train.py")
+
+RETRAIN_COLUMNS = {
+    "flavour": "aligned (target's seed and batches) or resampled (fresh seed)",
+    "removal": "cluster (one cluster removed), subset (only the subset's clusters kept) or full (nothing removed)",
+    "cluster_id": "removed cluster, -1 otherwise",
+    "subset_id": "subset (row of masks.parquet), -1 otherwise",
+    "seed": "training seed",
+    "test_index": "position in the dataset's fixed test split",
+    "class": "output class",
+    "logit": "logit of the retrained model",
+}
+TIMING_COLUMNS = {
+    "job": "retraining name",
+    "seconds": "wall time of the retraining when it ran",
+    "cached": "true when reused from .ddm_cache",
+}
+
+
+def _key(params: Params, seed: int, keep: np.ndarray) -> str:
+    h = hashlib.sha256()
+    h.update(
+        json.dumps(
+            [
+                params.data.model_dump(mode="json"),
+                params.model.model_dump(mode="json"),
+                params.train.model_dump(mode="json"),
+                seed,
+            ]
+        ).encode()
+    )
+    h.update(np.packbits(keep).tobytes())
+    for name in CODE:
+        h.update((Path(ddm_ops.__file__).parent / name).read_bytes())
+    return h.hexdigest()[:24]
+
+
+def retrain_one(root: str, params: dict, job: str, removed: list[int], seed: int, threads: int) -> dict:
+    """Train without the `removed` clusters with `seed` (cached); return the job with its logits file."""
+    torch.set_num_threads(threads)
+    p = Params.model_validate(params)
+    ds = dataset(p)
+    ids = read_parquet(Paths(Path(root)).stage("cluster") / "assignments.parquet")["cluster_id"].to_numpy()
+    keep = ~np.isin(ids, removed)
+    cache = Path(os.environ["DDM_CACHE_DIR"]) / "retrain" if os.environ.get("DDM_CACHE_DIR") else Path(root) / CACHE
+    path = cache / f"{_key(p, seed, keep)}.pt"
+    cached = path.is_file()
+    if not cached:
+        device = resolve_device(p.base.device)
+        model = new_model(p, ds, seed=seed).to(device)
+        start = time.perf_counter()
+        train(
+            model,
+            ds.x_train.to(device),
+            ds.y_train.to(device),
+            p.train,
+            seed,
+            keep=torch.from_numpy(keep),
+            label=f"ground_truth {job}",
+        )
+        seconds = time.perf_counter() - start
+        model.eval()
+        with torch.no_grad():
+            logits = model(ds.x_test.to(device)).cpu()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        torch.save({"logits": logits, "seconds": seconds}, tmp)
+        tmp.rename(path)
+    return {"job": job, "path": str(path), "cached": cached}
+
+
+def _jobs(params: Params, cluster_ids: np.ndarray, masks: np.ndarray) -> list[dict]:
+    """(name, removed clusters, seed, flavour, removal, cluster_id, subset_id) of every retraining."""
+    seed = params.base.seed
+    jobs = []
+    seeds = [("aligned", seed)] + [("resampled", seed + r) for r in range(1, params.ground_truth.seeds + 1)]
+    for flavour, s in seeds:
+        jobs.append(
+            {
+                "job": f"{flavour}-s{s}-full",
+                "removed": [],
+                "seed": s,
+                "flavour": flavour,
+                "removal": "full",
+                "cluster_id": -1,
+                "subset_id": -1,
+            }
+        )
+        for k in cluster_ids:
+            jobs.append(
+                {
+                    "job": f"{flavour}-s{s}-c{k}",
+                    "removed": [int(k)],
+                    "seed": s,
+                    "flavour": flavour,
+                    "removal": "cluster",
+                    "cluster_id": int(k),
+                    "subset_id": -1,
+                }
+            )
+        for i, mask in enumerate(masks):
+            jobs.append(
+                {
+                    "job": f"{flavour}-s{s}-m{i}",
+                    "removed": [int(k) for k in cluster_ids[~mask]],
+                    "seed": s,
+                    "flavour": flavour,
+                    "removal": "subset",
+                    "cluster_id": -1,
+                    "subset_id": i,
+                }
+            )
+    return jobs
+
+
+def run(params: Params, paths: Paths, out: Path) -> dict:
+    ds = dataset(params)
+    clusters = read_parquet(paths.stage("cluster") / "clusters.parquet")
+    cluster_ids, labels = clusters["cluster_id"].to_numpy(), clusters["label"].to_numpy()
+    gt = params.ground_truth
+    masks = (
+        within_class_subsets(labels, gt.subsets, gt.keep_fraction, params.base.seed)
+        if gt.enabled
+        else np.zeros((0, len(cluster_ids)), dtype=bool)
+    )
+    calibration = calibration_clusters(labels, gt.calibration_clusters, params.base.seed) if gt.enabled else []
+    write_parquet(
+        pd.DataFrame(
+            {
+                "subset_id": np.repeat(np.arange(len(masks)), len(cluster_ids)),
+                "cluster_id": np.tile(cluster_ids, len(masks)),
+                "kept": masks.reshape(-1),
+            }
+        ),
+        out / "masks.parquet",
+        "Which clusters each random within-class subset kept.",
+        {"subset_id": "subset", "cluster_id": "cluster", "kept": "true when the subset kept the cluster"},
+    )
+    write_parquet(
+        pd.DataFrame(
+            {
+                "cluster_id": cluster_ids,
+                "role": np.where(np.isin(cluster_ids, cluster_ids[calibration]), "calibration", "evaluation"),
+            }
+        ),
+        out / "roles.parquet",
+        "Clusters whose retraining calibrates removal step sizes are left out of the evaluation.",
+        {"cluster_id": "cluster", "role": "calibration or evaluation"},
+    )
+    jobs = _jobs(params, cluster_ids, masks) if gt.enabled else []
+    start = time.perf_counter()
+    items = [
+        {
+            "root": str(paths.root),
+            "params": params.model_dump(),
+            "job": j["job"],
+            "removed": j["removed"],
+            "seed": j["seed"],
+        }
+        for j in jobs
+    ]
+    done = fan_out(retrain_one, items, "job", params.execution, "retrain") if items else []
+    wall = time.perf_counter() - start
+    frames, timings = [], []
+    m, c = len(ds.test_index), ds.num_classes
+    for j, d in zip(jobs, done):
+        saved = torch.load(d["path"], weights_only=True)
+        frames.append(
+            pd.DataFrame(
+                {
+                    "flavour": j["flavour"],
+                    "removal": j["removal"],
+                    "cluster_id": j["cluster_id"],
+                    "subset_id": j["subset_id"],
+                    "seed": j["seed"],
+                    "test_index": np.repeat(ds.test_index, c),
+                    "class": np.tile(np.arange(c), m),
+                    "logit": saved["logits"].numpy().reshape(-1),
+                }
+            )
+        )
+        timings.append({"job": j["job"], "seconds": float(saved["seconds"]), "cached": d["cached"]})
+    empty = pd.DataFrame(
+        {
+            k: pd.Series(
+                dtype="int64"
+                if k in ("cluster_id", "subset_id", "seed", "test_index", "class")
+                else "float32"
+                if k == "logit"
+                else "str"
+            )
+            for k in RETRAIN_COLUMNS
+        }
+    )
+    write_parquet(
+        pd.concat(frames, ignore_index=True) if frames else empty,
+        out / "retrain.parquet",
+        "Test-set logits of every retrained model.",
+        RETRAIN_COLUMNS,
+    )
+    write_parquet(
+        pd.DataFrame(timings, columns=list(TIMING_COLUMNS)),
+        out / "timings.parquet",
+        "Wall time of every retraining.",
+        TIMING_COLUMNS,
+    )
+    seconds = [t["seconds"] for t in timings]
+    return {
+        "enabled": int(gt.enabled),
+        "n_retrainings": len(jobs),
+        "wall_seconds": wall,
+        "seconds_per_retraining": float(np.mean(seconds)) if seconds else 0.0,
+        "n_cached": sum(t["cached"] for t in timings),
+    }

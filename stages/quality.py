@@ -1,0 +1,123 @@
+"""Quality of the run's attribution against the ground truth, for DDM and the reference methods (used by report)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ddm_ops.config import Params
+from ddm_ops.data import Dataset
+from ddm_ops.evaluation import Method, Truth, evaluate
+from stages.attribute import logits_table
+from stages.common import Paths, load_ground_truth, pyplot, read_parquet, save_figure
+from stages.perturb import BASE
+
+
+def _matrices(table: pd.DataFrame) -> dict[str, np.ndarray]:
+    """{objective: (K, M) score matrix} from a long scores table, clusters and test samples in ascending order."""
+    return {
+        o: part.pivot(index="cluster_id", columns="test_index", values="score").sort_index().to_numpy()
+        for o, part in table.groupby("objective")
+    }
+
+
+def methods(paths: Paths, params: Params) -> tuple[dict[str, Method], np.ndarray]:
+    """DDM (named after its direction) and every reference method present; and θ_T's test logits."""
+    ids, _, logits = logits_table(read_parquet(paths.stage("perturb") / "outputs.parquet"))
+    assert ids[0] == BASE
+    ddm = f"ddm_{params.distill.direction}"
+    found = {
+        ddm: Method(
+            _matrices(read_parquet(paths.stage("attribute") / "attribution.parquet")),
+            logits[1:].numpy().astype(np.float64),
+        )
+    }
+    baselines = read_parquet(paths.stage("baselines") / "baselines.parquet")
+    outputs = read_parquet(paths.stage("baselines") / "outputs.parquet")
+    for name, table in baselines.groupby("method"):
+        made = outputs[outputs["method"] == name].drop(columns="method")
+        found[name] = Method(_matrices(table), logits_table(made)[2].numpy().astype(np.float64) if len(made) else None)
+    return found, logits[0].numpy().astype(np.float64)
+
+
+def quality(paths: Paths, params: Params, ds: Dataset) -> tuple[dict, Truth, dict[str, Method], np.ndarray] | None:
+    """The evaluation of the run, or None when the ground truth is disabled."""
+    truth = load_ground_truth(paths, params)
+    if not truth.enabled:
+        return None
+    found, base = methods(paths, params)
+    labels = read_parquet(paths.stage("cluster") / "clusters.parquet").sort_values("cluster_id")["label"].to_numpy()
+
+    return evaluate(found, base, ds.y_test.numpy(), labels, truth), truth, found, base
+
+
+def quality_table(results: dict) -> pd.DataFrame:
+    """One row per method, one column per metric (the reference row holds the ceiling and fidelity baselines)."""
+    return pd.DataFrame(results).T.rename_axis("method").reset_index()
+
+
+def figure_quality(
+    truth: Truth,
+    found: dict[str, Method],
+    base: np.ndarray,
+    test_labels: np.ndarray,
+    cluster_labels: np.ndarray,
+    results: dict,
+    folder: Path,
+    ddm: str,
+) -> list[Path]:
+    """Predicted vs true margin drop; LOGO Spearman per test sample; fidelity per cluster next to baselines."""
+    import torch
+
+    from ddm_ops.calibration import dist1_to
+    from ddm_ops.metrics import logo_spearman
+    from ddm_ops.objectives import margin
+
+    plt = pyplot()
+    labels = torch.from_numpy(test_labels)
+    m = lambda logits: margin(torch.from_numpy(logits), labels.expand(*logits.shape[:-2], -1)).numpy()  # noqa: E731
+    ev = truth.evaluation
+    true = (m(truth.full[truth.aligned_seed])[None] - m(truth.cluster[truth.aligned_seed]))[ev]
+    paths = []
+
+    fig, ax = plt.subplots(figsize=(5.5, 4.5))
+    pred = found[ddm].scores["margin"][ev]
+    colours = np.broadcast_to(cluster_labels[ev][:, None], pred.shape)
+    sc = ax.scatter(true.ravel(), pred.ravel(), c=colours.ravel(), cmap="tab10", s=3, alpha=0.5)
+    ax.axhline(0, color="k", lw=0.3)
+    ax.axvline(0, color="k", lw=0.3)
+    ax.set_xlabel("true margin drop (aligned retraining without the cluster)")
+    ax.set_ylabel(f"predicted margin drop ({ddm})")
+    ax.set_title("Predicted vs true effect of removing one cluster (colour: cluster's class)", fontsize=8)
+    fig.colorbar(sc, ax=ax, fraction=0.04, label="class")
+    paths.append(save_figure(fig, folder / "predicted_vs_true.png"))
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    bins = np.linspace(-1, 1, 41)
+    for name, method in found.items():
+        if "margin" in method.scores:
+            per = logo_spearman(method.scores["margin"][ev], true)[1]
+            ax.hist(per[~np.isnan(per)], bins=bins, histtype="step", lw=1.5 if name == ddm else 0.8, label=name)
+    ax.set_xlabel("LOGO Spearman of one test sample (across clusters)")
+    ax.set_ylabel("test samples")
+    ax.legend(fontsize=7)
+    paths.append(save_figure(fig, folder / "logo_per_test.png"))
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    aligned = torch.from_numpy(truth.cluster[truth.aligned_seed][ev])
+    nothing = dist1_to(aligned, torch.from_numpy(base).expand_as(aligned)).numpy()
+    order = np.argsort(nothing)
+    ax.plot(nothing[order], "k-", label="do nothing (θ_T)")
+    for name, method in found.items():
+        if method.logits is not None:
+            ax.plot(dist1_to(aligned, torch.from_numpy(method.logits[ev])).numpy()[order], ".", label=name)
+    if "fidelity_seed_noise" in results["reference"]:
+        ax.axhline(results["reference"]["fidelity_seed_noise"], color="grey", ls="--", label="seed-noise floor")
+    ax.set_yscale("log")
+    ax.set_xlabel("evaluation clusters (sorted by the do-nothing distance)")
+    ax.set_ylabel("Dist1 to the retrained model")
+    ax.legend(fontsize=7)
+    paths.append(save_figure(fig, folder / "fidelity.png"))
+    return paths
