@@ -20,6 +20,7 @@ from ddm_ops.trajectory import Trajectory
 from ddm_ops.unlearn import outputs_of
 from stages.common import (
     Paths,
+    concat_or_empty,
     dataset,
     load_checkpoints,
     load_ground_truth,
@@ -36,6 +37,7 @@ SCORE_COLUMNS = {
     "objective": "margin, loss or probability (as in attribution.parquet)",
     "score": "predicted drop of the objective when the cluster is removed (positive = the cluster helps)",
 }
+SCORE_DTYPES = {"method": "str", "cluster_id": "int64", "test_index": "int64", "objective": "str", "score": "float64"}
 OUTPUT_COLUMNS = {
     "method": "method that produced the removed model",
     "cluster_id": "removed cluster",
@@ -43,6 +45,9 @@ OUTPUT_COLUMNS = {
     "class": "output class",
     "logit": "logit of the removed model",
 }
+
+
+OUTPUT_DTYPES = {"method": "str", "cluster_id": "int64", "test_index": "int64", "class": "int64", "logit": "float32"}
 
 
 def _long(method: str, matrix: np.ndarray, cluster_ids: np.ndarray, test_index: np.ndarray, objective: str):
@@ -125,20 +130,14 @@ def run(params: Params, paths: Paths, out: Path) -> dict:
                 }
             )
         )
-    empty_scores = pd.DataFrame(
-        {k: pd.Series(dtype=t) for k, t in zip(SCORE_COLUMNS, ["str", "int64", "int64", "str", "float64"])}
-    )
-    empty_outputs = pd.DataFrame(
-        {k: pd.Series(dtype=t) for k, t in zip(OUTPUT_COLUMNS, ["str", "int64", "int64", "int64", "float32"])}
-    )
     write_parquet(
-        pd.concat(frames, ignore_index=True) if frames else empty_scores,
+        concat_or_empty(frames, SCORE_DTYPES),
         out / "baselines.parquet",
         "Scores of the reference methods, in attribution.parquet's layout plus `method`.",
         SCORE_COLUMNS,
     )
     write_parquet(
-        pd.concat(outputs, ignore_index=True) if outputs else empty_outputs,
+        concat_or_empty(outputs, OUTPUT_DTYPES),
         out / "outputs.parquet",
         "Test logits of the reference methods that produce a removed model.",
         OUTPUT_COLUMNS,

@@ -64,6 +64,13 @@ def write_parquet(df: pd.DataFrame, path: Path, description: str, columns: dict[
     pq.write_table(table.replace_schema_metadata({**(table.schema.metadata or {}), **meta}), path)
 
 
+def concat_or_empty(frames: list[pd.DataFrame], dtypes: dict[str, str]) -> pd.DataFrame:
+    """The frames concatenated, or an empty table with these columns and types (a disabled stage's output)."""
+    if frames:
+        return pd.concat(frames, ignore_index=True)
+    return pd.DataFrame({name: pd.Series(dtype=dtype) for name, dtype in dtypes.items()})
+
+
 def read_parquet(path: Path) -> pd.DataFrame:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: missing input; run the stage that writes it (dvc repro)")

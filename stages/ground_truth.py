@@ -24,7 +24,7 @@ from ddm_ops.devices import resolve_device
 from ddm_ops.groundtruth import calibration_clusters, within_class_subsets
 from ddm_ops.train import train
 from pipeline.runners import fan_out
-from stages.common import Paths, dataset, new_model, read_parquet, write_parquet
+from stages.common import Paths, concat_or_empty, dataset, new_model, read_parquet, write_parquet
 
 CACHE = Path(".ddm_cache") / "retrain"  # under the project, or under $DDM_CACHE_DIR (shared between projects)
 CODE = ("config.py", "data.py", "models.py", "objectives.py", "train.py")
@@ -38,6 +38,16 @@ RETRAIN_COLUMNS = {
     "test_index": "position in the dataset's fixed test split",
     "class": "output class",
     "logit": "logit of the retrained model",
+}
+RETRAIN_DTYPES = {
+    "flavour": "str",
+    "removal": "str",
+    "cluster_id": "int64",
+    "subset_id": "int64",
+    "seed": "int64",
+    "test_index": "int64",
+    "class": "int64",
+    "logit": "float32",
 }
 TIMING_COLUMNS = {
     "job": "retraining name",
@@ -209,20 +219,8 @@ def run(params: Params, paths: Paths, out: Path) -> dict:
             )
         )
         timings.append({"job": j["job"], "seconds": float(saved["seconds"]), "cached": d["cached"]})
-    empty = pd.DataFrame(
-        {
-            k: pd.Series(
-                dtype="int64"
-                if k in ("cluster_id", "subset_id", "seed", "test_index", "class")
-                else "float32"
-                if k == "logit"
-                else "str"
-            )
-            for k in RETRAIN_COLUMNS
-        }
-    )
     write_parquet(
-        pd.concat(frames, ignore_index=True) if frames else empty,
+        concat_or_empty(frames, RETRAIN_DTYPES),
         out / "retrain.parquet",
         "Test-set logits of every retrained model.",
         RETRAIN_COLUMNS,
