@@ -93,11 +93,25 @@ class DistillParams(_Block):
 
 
 class ExecutionParams(_Block):
-    runner: Literal["serial", "thread", "process"] = "thread"
-    workers: PositiveInt = Field(2, description="Parallel workers of the thread and process runners.")
+    runner: Literal["serial", "thread", "process", "dask", "ray"] = Field(
+        "thread", description="Task runner of the per-cluster fan-out (distill, ground_truth)."
+    )
+    workers: PositiveInt = Field(2, description="Parallel workers (of a local Dask/Ray cluster when no address).")
+    address: str | None = Field(None, description="An existing Dask scheduler (tcp://host:8786) or Ray cluster.")
     threads_per_worker: PositiveInt = Field(
         1, description="Torch threads of each per-cluster task; fixed so results do not depend on the runner."
     )
+    items_per_task: PositiveInt | Literal["auto"] = Field(
+        "auto", description="Clusters (or retrainings) per Prefect task; auto: about four tasks per worker."
+    )
+    retries: int = Field(1, ge=0, description="Prefect retries of a failed per-cluster task.")
+    retry_delay_seconds: float = Field(0.0, ge=0.0, description="Wait before a retry.")
+
+    @model_validator(mode="after")
+    def _address_needs_cluster_runner(self) -> ExecutionParams:
+        if self.address is not None and self.runner not in ("dask", "ray"):
+            raise ValueError(f"execution.address is set but execution.runner = {self.runner!r}; use dask or ray")
+        return self
 
 
 class GroundTruthParams(_Block):

@@ -1,4 +1,4 @@
-"""Command line: `python -m pipeline run <stage> | flow | serve --cron ...` (also the `ddm` console script)."""
+"""Command line: `python -m pipeline run <stage> | flow | serve --cron ... | deploy --pool ...` (also `ddm`)."""
 
 from __future__ import annotations
 
@@ -22,6 +22,10 @@ def main(argv: list[str] | None = None) -> int:
     serve = sub.add_parser("serve", help="register the flow as a scheduled Prefect deployment and serve it")
     serve.add_argument("--cron", required=True, help='cron schedule, e.g. "0 3 * * *"')
     serve.add_argument("--name", default="ddm", help="deployment name")
+    deploy = sub.add_parser("deploy", help="register the flow with a Prefect work pool (e.g. GPU hosts)")
+    deploy.add_argument("--pool", required=True, help="work pool name (prefect work-pool create ...)")
+    deploy.add_argument("--cron", default=None, help="optional cron schedule")
+    deploy.add_argument("--name", default="ddm", help="deployment name")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
     logging.getLogger("httpx").setLevel(logging.WARNING)
@@ -34,6 +38,10 @@ def main(argv: list[str] | None = None) -> int:
             from pipeline.flow import ddm_pipeline
 
             ddm_pipeline(str(args.root))
+        elif args.command == "deploy":
+            from pipeline.flow import deploy_to_pool
+
+            print(f"deployment {deploy_to_pool(args.pool, args.root, args.name, args.cron)} on work pool {args.pool}")
         else:
             from prefect import serve as prefect_serve
 

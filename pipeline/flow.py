@@ -81,3 +81,21 @@ def ddm_pipeline(root: str = ".") -> list[str]:
 def deployment(cron: str, root: Path, name: str = "ddm"):
     """The scheduled deployment of the flow (what `serve` registers)."""
     return ddm_pipeline.to_deployment(name=name, cron=cron, parameters={"root": str(root.resolve())})
+
+
+def deploy_to_pool(pool: str, root: Path, name: str = "ddm", cron: str | None = None):
+    """Register the flow with a Prefect work pool (e.g. of GPU hosts that see `root` on a shared filesystem).
+
+    The workers load the flow from `root` (pipeline/flow.py) and run the DAG there; returns the deployment id.
+    """
+    root = root.resolve()
+    source = ddm_pipeline.from_source(source=str(root), entrypoint="pipeline/flow.py:ddm_pipeline")
+    return source.deploy(
+        name=name,
+        work_pool_name=pool,
+        cron=cron,
+        parameters={"root": str(root)},
+        build=False,
+        push=False,
+        print_next_steps=False,
+    )

@@ -13,10 +13,9 @@ import torch
 
 from ddm_ops.cluster import nearest_members
 from ddm_ops.config import Params
-from ddm_ops.devices import resolve_device
 from ddm_ops.distill import distill_cluster
 from ddm_ops.trajectory import Trajectory
-from pipeline.runners import fan_out
+from pipeline.runners import fan_out, task_device
 from stages.common import Paths, dataset, load_checkpoints, load_tensors, new_model, read_parquet, write_parquet
 
 
@@ -28,15 +27,14 @@ def _trajectory(params: Params, root: str) -> Trajectory:
     )
 
 
-def distill_one(root: str, params: dict, cluster_id: int, work: str, threads: int) -> dict:
+def distill_one(root: str, params: dict, cluster_id: int, work: str) -> dict:
     """Distill one cluster into work/<cluster_id>/ (skipped when already complete); return its summary."""
     folder = Path(work) / f"{cluster_id:05d}"
     done = folder / "synset.pt"
     if not done.is_file():
-        torch.set_num_threads(threads)
         p = Params.model_validate(params)
         ds = dataset(p)
-        device = resolve_device(p.base.device)
+        device = task_device(p.base.device)
         assign = read_parquet(Paths(Path(root)).stage("cluster") / "assignments.parquet")
         ids, dist = assign["cluster_id"].to_numpy(), assign["centroid_distance"].to_numpy()
         members = np.flatnonzero(ids == cluster_id)
@@ -82,7 +80,7 @@ def run(params: Params, paths: Paths, out: Path) -> dict:
         for c in clusters["cluster_id"]
     ]
     start = time.perf_counter()
-    summaries = fan_out(distill_one, items, "cluster_id", params.execution, "distill")
+    summaries = fan_out(distill_one, items, "cluster_id", params.execution, "distill", params.base.device)
     seconds = time.perf_counter() - start
     parts = [load_tensors(work / f"{s['cluster_id']:05d}" / "synset.pt") for s in summaries]
     matching = [load_tensors(work / f"{s['cluster_id']:05d}" / "matching.pt") for s in summaries]

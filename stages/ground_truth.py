@@ -20,10 +20,9 @@ import torch
 
 import ddm_ops
 from ddm_ops.config import Params
-from ddm_ops.devices import resolve_device
 from ddm_ops.groundtruth import calibration_clusters, within_class_subsets
 from ddm_ops.train import train
-from pipeline.runners import fan_out
+from pipeline.runners import fan_out, task_device
 from stages.common import Paths, concat_or_empty, dataset, new_model, read_parquet, write_parquet
 
 CACHE = Path(".ddm_cache") / "retrain"  # under the project, or under $DDM_CACHE_DIR (shared between projects)
@@ -74,9 +73,8 @@ def _key(params: Params, seed: int, keep: np.ndarray) -> str:
     return h.hexdigest()[:24]
 
 
-def retrain_one(root: str, params: dict, job: str, removed: list[int], seed: int, threads: int) -> dict:
+def retrain_one(root: str, params: dict, job: str, removed: list[int], seed: int) -> dict:
     """Train without the `removed` clusters with `seed` (cached); return the job with its logits file."""
-    torch.set_num_threads(threads)
     p = Params.model_validate(params)
     ds = dataset(p)
     ids = read_parquet(Paths(Path(root)).stage("cluster") / "assignments.parquet")["cluster_id"].to_numpy()
@@ -85,7 +83,7 @@ def retrain_one(root: str, params: dict, job: str, removed: list[int], seed: int
     path = cache / f"{_key(p, seed, keep)}.pt"
     cached = path.is_file()
     if not cached:
-        device = resolve_device(p.base.device)
+        device = task_device(p.base.device)
         model = new_model(p, ds, seed=seed).to(device)
         start = time.perf_counter()
         train(
@@ -198,7 +196,7 @@ def run(params: Params, paths: Paths, out: Path) -> dict:
         }
         for j in jobs
     ]
-    done = fan_out(retrain_one, items, "job", params.execution, "retrain") if items else []
+    done = fan_out(retrain_one, items, "job", params.execution, "retrain", params.base.device) if items else []
     wall = time.perf_counter() - start
     frames, timings = [], []
     m, c = len(ds.test_index), ds.num_classes

@@ -11,6 +11,7 @@ import torch
 from ddm_ops.config import Params
 from ddm_ops.devices import resolve_device
 from ddm_ops.train import accuracy, train
+from pipeline.runners import tune_process
 from stages.common import Paths, check_params_against_data, dataset, new_model, save_checkpoint, write_parquet
 
 
@@ -18,7 +19,7 @@ def run(params: Params, paths: Paths, out: Path) -> dict:
     ds = dataset(params)
     check_params_against_data(params, ds)
     device = resolve_device(params.base.device)
-    torch.set_num_threads(params.execution.threads_per_worker)  # as every retraining: floating-point sums agree
+    tune_process(params.execution.threads_per_worker)  # as every retraining: floating-point sums agree
     model = new_model(params, ds).to(device)
     (out / "checkpoints").mkdir()
     x, y = ds.x_train.to(device), ds.y_train.to(device)

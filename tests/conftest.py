@@ -32,7 +32,7 @@ TINY = {
     "train": {"epochs": 4, "batch_size": 32, "lr": 0.2, "checkpoint_every": 1},
     "cluster": {"k_per_class": 2},
     "distill": {"ipc": 1, "iterations": 5},
-    "execution": {"runner": "serial"},
+    "execution": {"runner": "serial", "items_per_task": 1},
     "perturb": {"n_u": 2, "step_size": 0.001},
     "report": {"n_examples": 2},
 }

@@ -40,7 +40,7 @@ def test_flow_runs_one_task_per_dvc_stage(prefect_server, tmp_path):
     assert all(r.state.is_completed() for r in runs)
     order = [r.name for r in sorted(runs, key=lambda r: r.start_time)]
     assert order.index("train_target") < order.index("distill") < order.index("perturb") < order.index("report")
-    # the stage's per-cluster fan-out reported to the same server: one task per cluster
+    # the stage's per-cluster fan-out reported to the same server: TINY asks for one cluster per task
     fan_out = asyncio.run(_flow_runs_named("distill-fan-out"))
     assert fan_out, "the distill stage's flow did not report to the flow's server"
     tasks = asyncio.run(_task_runs(fan_out[0].id))
@@ -72,3 +72,26 @@ def test_serve_registers_a_cron_deployment(prefect_server, tmp_path):
     d = asyncio.run(read())
     assert d.name == "nightly" and d.parameters == {"root": str(tmp_path.resolve())}
     assert [s.schedule.cron for s in d.schedules] == ["0 3 * * *"]
+
+
+def test_deploy_registers_the_flow_with_a_work_pool(prefect_server, tmp_path):
+    from conftest import ROOT
+    from prefect import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+
+    from pipeline.flow import deploy_to_pool
+
+    async def create_pool():
+        async with get_client() as client:
+            await client.create_work_pool(WorkPoolCreate(name="gpu-hosts", type="process"))
+
+    asyncio.run(create_pool())
+    deployment_id = deploy_to_pool("gpu-hosts", ROOT, name="on-gpus", cron="0 4 * * *")
+
+    async def read():
+        async with get_client() as client:
+            return await client.read_deployment(deployment_id)
+
+    d = asyncio.run(read())
+    assert d.work_pool_name == "gpu-hosts" and d.entrypoint == "pipeline/flow.py:ddm_pipeline"
+    assert d.parameters == {"root": str(ROOT)} and [s.schedule.cron for s in d.schedules] == ["0 4 * * *"]
