@@ -82,16 +82,18 @@ def distill_cluster(
     opt = torch.optim.Adam(groups)
     hard = torch.full((len(images),), label, device=images.device)
     losses = []
-    for it in range(params.iterations):
+    for _ in range(params.iterations):
         soft = logits.softmax(-1) if learn_labels else hard
         g = batched_grads(model, p_syn, b_syn, images, soft)
         loss = gradient_distance(g, target, params.magnitude_weight, batch_dims=1).mean()
-        if not torch.isfinite(loss):
-            raise DivergenceError(f"distill {name}: matching loss is {loss.item()} at iteration {it}")
         opt.zero_grad()
         loss.backward()
         opt.step()
-        losses.append(loss.item())
+        losses.append(loss.detach())  # on the device: no host sync per iteration
+    curve = torch.stack(losses).cpu()
+    if not torch.isfinite(curve).all():
+        bad = int(torch.nonzero(~torch.isfinite(curve))[0])
+        raise DivergenceError(f"distill {name}: matching loss is {curve[bad].item()} at iteration {bad}")
     labels = logits.softmax(-1) if learn_labels else nn.functional.one_hot(hard, num_classes).float()
-    log.debug("%s: matching loss %.4f -> %.4f", name, losses[0], losses[-1])
-    return Synset(images.detach(), labels.detach()), losses
+    log.debug("%s: matching loss %.4f -> %.4f", name, curve[0], curve[-1])
+    return Synset(images.detach(), labels.detach()), curve.tolist()

@@ -95,7 +95,7 @@ def train(
         lr = lr_at(params, epoch)
         for group in opt.param_groups:
             group["lr"] = lr
-        total, count = 0.0, 0
+        losses, count, first = [], 0, step  # batch losses stay on the device: no host sync per step
         for batch in order[epoch]:
             batch = batch.to(x.device)
             nominal = len(batch)
@@ -104,14 +104,18 @@ def train(
             opt.zero_grad(set_to_none=False)
             if len(batch):
                 loss = summed_loss(model(x[batch]), y[batch]) / nominal
-                if not torch.isfinite(loss):
-                    raise DivergenceError(f"{label}: loss is {loss.item()} at step {step} (epoch {epoch})")
                 loss.backward()
-                total += loss.item() * nominal
+                losses.append(loss.detach() * nominal)
                 count += len(batch)
+            else:
+                losses.append(torch.zeros((), device=x.device))
             opt.step()
             step += 1
-        row = {"epoch": epoch, "step": step, "lr": lr, "loss": total / max(count, 1)}
+        summed = torch.stack(losses)
+        if not torch.isfinite(summed).all():  # the first bad step: every update after it is NaN too
+            bad = int(torch.nonzero(~torch.isfinite(summed))[0])
+            raise DivergenceError(f"{label}: loss is {summed[bad].item()} at step {first + bad} (epoch {epoch})")
+        row = {"epoch": epoch, "step": step, "lr": lr, "loss": summed.sum().item() / max(count, 1)}
         if test is not None:
             row["test_accuracy"] = accuracy(model, *test)
         history.append(row)

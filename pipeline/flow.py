@@ -13,6 +13,7 @@ from prefect import flow, get_run_logger, task
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from ddm_ops.config import load_params
+from pipeline.runners import running_api_url
 
 FLOW_NAME = "ddm-pipeline"
 
@@ -27,24 +28,12 @@ def stage_graph(root: Path) -> dict[str, list[str]]:
         return {names[s]: sorted(names[d] for d in graph.successors(s) if d in names) for s in names}
 
 
-def _api_url() -> str | None:
-    """The Prefect API this process talks to (configured, or its temporary server), for the stages' own flows."""
-    from prefect.settings import PREFECT_API_URL
-
-    if PREFECT_API_URL.value():
-        return PREFECT_API_URL.value()
-    from prefect.server.api.server import SubprocessASGIServer
-
-    server = SubprocessASGIServer._instances.get(None)
-    return server.api_url if server is not None and server.running else None
-
-
 @task(name="dvc-repro", task_run_name="{stage}")
 def repro_stage(stage: str, root: str) -> str:
     """`dvc repro --single-item <stage>`, with its output in the task's log; raises with the tail on failure."""
     logger = get_run_logger()
     env = dict(os.environ)
-    api = _api_url()
+    api = running_api_url()
     if api:  # the per-cluster fan-out inside the stage then reports to the same server
         env["PREFECT_API_URL"] = api
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # stages call `python`

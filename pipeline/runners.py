@@ -10,19 +10,19 @@ in which tasks run.
 from __future__ import annotations
 
 import ctypes
-import math
 import multiprocessing
 import os
-from collections.abc import Callable
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
+import numpy as np
 import torch
 
 from ddm_ops.config import ExecutionParams, ParamsError
 from ddm_ops.devices import resolve_device
 
-M_TRIM_THRESHOLD, M_TOP_PAD = -1, -2  # glibc mallopt parameters
+M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3  # glibc mallopt parameters
 
 
 def _gpu_tasks(device: str) -> bool:
@@ -85,11 +85,12 @@ def task_device(spec: str) -> torch.device:
 
 
 def tune_process(threads: int) -> None:
-    """Pin torch to `threads` threads and stop glibc's heap from shrinking and growing around every small tensor.
+    """Pin torch to `threads` threads and keep glibc's heap from returning and re-asking memory around every tensor.
 
-    Dask workers start with MALLOC_TRIM_THRESHOLD_=65536, which made this project's small-tensor work 2.7x
-    slower in them than in a plain process (measured); raising the trim threshold and the top pad undoes it.
-    No effect on results; nothing happens where the C library is not glibc.
+    Dask workers start with MALLOC_TRIM_THRESHOLD_=65536, and any fixed malloc setting also switches off glibc's
+    adaptive mmap threshold, so that every tensor above 128 KiB became a fresh mmap: this project's small-tensor
+    work ran 1.5-2x slower in Dask workers than in a plain process (measured). A large trim threshold, top pad and
+    mmap threshold undo it. No effect on results; nothing happens where the C library is not glibc.
     """
     torch.set_num_threads(threads)
     try:
@@ -98,6 +99,7 @@ def tune_process(threads: int) -> None:
         return
     libc.mallopt(M_TOP_PAD, 64 << 20)
     libc.mallopt(M_TRIM_THRESHOLD, 256 << 20)
+    libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)  # glibc's largest
 
 
 class TaskFailed(RuntimeError):
@@ -114,6 +116,54 @@ def run_items(fn: Callable[..., Any], items: list[dict[str, Any]], key: str, thr
         except Exception as err:
             raise TaskFailed(f"{key} {item[key]} failed: {type(err).__name__}: {err}") from err
     return results
+
+
+def running_api_url() -> str | None:
+    """The Prefect API this process talks to: the configured one, or the temporary server it started."""
+    from prefect.server.api.server import SubprocessASGIServer
+    from prefect.settings import PREFECT_API_URL
+
+    if PREFECT_API_URL.value():
+        return PREFECT_API_URL.value()
+    server = SubprocessASGIServer._instances.get(None)
+    return server.api_url if server is not None and server.running else None
+
+
+@contextmanager
+def shared_prefect_api() -> Iterator[None]:
+    """One Prefect API for this process and every worker process it starts.
+
+    Without a configured PREFECT_API_URL each process pool or Dask worker would start a temporary server of its own
+    (seconds of start-up and a busy core each, measured); a temporary server is started here instead, once, and its
+    address is passed to the workers through their environment.
+    """
+    from prefect.server.api.server import SubprocessASGIServer
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    url = running_api_url()
+    if url is None:  # stopped at exit, after the last logs are sent
+        server = SubprocessASGIServer()
+        server.start()
+        url = server.api_url
+    before = os.environ.get("PREFECT_API_URL")
+    os.environ["PREFECT_API_URL"] = url
+    try:
+        with temporary_settings({PREFECT_API_URL: url}):
+            yield
+    finally:
+        if before is None:
+            os.environ.pop("PREFECT_API_URL", None)
+        else:
+            os.environ["PREFECT_API_URL"] = before
+
+
+def chunked(items: list[Any], execution: ExecutionParams) -> list[list[Any]]:
+    """Items grouped into tasks: `items_per_task` each, or ("auto") about four balanced tasks per worker."""
+    if execution.items_per_task == "auto":
+        edges = np.linspace(0, len(items), min(len(items), 4 * execution.workers) + 1).round().astype(int)
+        return [items[a:b] for a, b in zip(edges[:-1], edges[1:])]
+    size = execution.items_per_task
+    return [items[i : i + size] for i in range(0, len(items), size)]
 
 
 def _placement(execution: ExecutionParams, device: str):
@@ -141,17 +191,14 @@ def fan_out(
 ) -> list[Any]:
     """Run fn(**item) for every item as Prefect tasks on the configured runner; results in item order.
 
-    Items are grouped `execution.items_per_task` to a task ("auto": about four tasks per worker, which keeps
-    Prefect's per-task cost small next to the work). `key` names the item field that identifies it (e.g.
+    Items are grouped into tasks by `chunked` ("auto": about four balanced tasks per worker, which keeps Prefect's
+    per-task cost small next to the work). `key` names the item field that identifies it (e.g.
     cluster_id): an item that still fails after `execution.retries` retries of its task fails the whole fan-out
     with that id in the error; a retried task redoes its items (fn skips the ones it already finished).
     """
     from prefect import flow, task
 
-    size = execution.items_per_task
-    if size == "auto":
-        size = max(1, math.ceil(len(items) / (4 * execution.workers)))
-    chunks = [items[i : i + size] for i in range(0, len(items), size)]
+    chunks = chunked(items, execution)
     unit = task(
         run_items,
         name=name,
@@ -179,4 +226,5 @@ def fan_out(
 
     if execution.runner in ("serial", "thread"):
         tune_process(threads)
-    return fan_out_flow()
+    with shared_prefect_api():
+        return fan_out_flow()

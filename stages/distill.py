@@ -20,11 +20,12 @@ from stages.common import Paths, dataset, load_checkpoints, load_tensors, new_mo
 
 
 @lru_cache(maxsize=2)
-def _trajectory(params: Params, root: str) -> Trajectory:
+def _trajectory(params: Params, root: str, device: torch.device) -> Trajectory:
+    """The recorded trajectory on `device`, loaded once per worker process."""
     model = new_model(params, dataset(params))
     return Trajectory.from_checkpoints(
         model, load_checkpoints(Paths(Path(root)).stage("train_target") / "checkpoints"), params.train.batch_size
-    )
+    ).to(device)
 
 
 def distill_one(root: str, params: dict, cluster_id: int, work: str) -> dict:
@@ -43,7 +44,7 @@ def distill_one(root: str, params: dict, cluster_id: int, work: str) -> dict:
         start = time.perf_counter()
         synset, losses = distill_cluster(
             model,
-            _trajectory(p, root).to(device),
+            _trajectory(p, root, device),
             (ds.x_train[members].to(device), ds.y_train[members].to(device)),
             ds.x_train[init].to(device),
             ds.num_classes,

@@ -79,3 +79,15 @@ def dvc(folder: Path, *args: str) -> subprocess.CompletedProcess:
     """Run dvc in `folder` with this interpreter's environment first on PATH (stages call `python`)."""
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     return subprocess.run([sys.executable, "-m", "dvc", *args], cwd=folder, capture_output=True, text=True, env=env)
+
+
+def pytest_collection_modifyitems(config, items):
+    """GPU tests run only where CUDA is present (also under `make test-all`)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
