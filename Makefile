@@ -11,7 +11,7 @@ export DVC_NO_ANALYTICS := 1
 export RAY_USAGE_STATS_ENABLED := 0
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
 
-.PHONY: setup run flow test test-all lint bench clean
+.PHONY: setup data run flow test test-all lint bench clean
 
 setup: $(VENV)/.ready
 
@@ -22,6 +22,12 @@ $(VENV)/.ready: pyproject.toml constraints.txt
 	@test -d .dvc || dvc init --quiet $$(git rev-parse --git-dir >/dev/null 2>&1 || echo --no-scm)
 	touch $@
 
+# Fashion-MNIST from Debian's package (the benchmark dataset; digits needs nothing).
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+data:
+	@test -d /usr/share/datasets/fashion-mnist || \
+		{ $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq dataset-fashion-mnist; }
+
 run: setup
 	dvc repro
 	@echo "report: outputs/report/report.md   metrics: outputs/report/metrics.json   runs: mlflow ui --backend-store-uri sqlite:///mlflow.db"
@@ -29,8 +35,9 @@ run: setup
 flow: setup
 	python -m pipeline flow
 
+# Two pytest workers (one per core), each test module on one worker so its fixtures are built once.
 test: setup
-	python -m pytest
+	python -m pytest -n 2 --dist loadfile
 
 test-all: setup
 	python -m pytest -m ''

@@ -67,6 +67,7 @@ HEADLINE = [
     ("fidelity_dist1", "fidelity Dist1"),
 ]
 METHODS = ["ddm", "first_order", "gradient_ascent", "input_similarity", "class_indicator"]
+MAIN = ["digits_k50", "digits_k20", "fashion_k100", "fashion_resnet18"]  # methods side by side; the rest are variants
 
 
 def _fmt(value) -> str:
@@ -76,9 +77,7 @@ def _fmt(value) -> str:
 def summary(results: dict) -> str:
     """Markdown tables: methods side by side for the main configs, DDM variants of digits_k50."""
     lines = []
-    for name in ("digits_k50", "digits_k20"):
-        if name not in results:
-            continue
+    for name in [n for n in MAIN if n in results]:
         r = results[name]["report"]
         ddm = next(k.split(".")[0] for k in r if k.startswith("ddm_"))
         lines += [
@@ -106,10 +105,10 @@ def summary(results: dict) -> str:
             f"{r['distill_overhead']:.0f} target trainings.",
             "",
         ]
-    variants = sorted(k for k in results if k.startswith("digits_k50"))
+    variants = sorted(k for k in results if k not in MAIN)
     if variants:
         lines += [
-            "**DDM variants on digits_k50** (one change each)",
+            "**DDM variants** (one change each against the config named first in the name)",
             "",
             "| config | group-LDS | group-LDS class | LOGO | fidelity Dist1 | calibrated step | distill s |",
             "|---|---|---|---|---|---|---|",

@@ -29,6 +29,7 @@ RESULT = ROOT / "benchmarks" / "results" / "scaling.json"
 RUNNERS = [("process", 1), ("process", 2), ("dask", 1), ("dask", 2)]
 REPEATS = 2
 SWEEP_RUNNER = {"runner": "process", "workers": 2}
+DEFAULTS = yaml.safe_load((ROOT / "params.yaml").read_text())  # read once: the copy the run started with
 K_PER_CLASS = [1, 2, 5, 10]  # K = 10, 20, 50, 100: clusters are drawn within each of the 10 digit classes
 TRAIN_SIZES = [337, 674, 1347]
 
@@ -41,7 +42,7 @@ def project(folder: Path) -> None:
 
 
 def set_params(folder: Path, **blocks: dict) -> None:
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params = {block: dict(values) for block, values in DEFAULTS.items()}
     for block, values in blocks.items():
         params[block] = {**params[block], **values}
     (folder / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -26,6 +28,29 @@ class _Block(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+BUILTIN_DATASETS = ("digits", "fashion-mnist", "mnist", "cifar10", "cifar100", "tinyimagenet")
+BUILTIN_MODELS = ("convnet", "mlp", "resnet18", "alexnet", "vit")
+DOTTED_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+
+
+def import_dotted(key: str, spec: str) -> Any:
+    """The object a dotted path `module:name` from params names (the only way user code is run)."""
+    module, _, attr = spec.partition(":")
+    try:
+        return getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as err:
+        raise ParamsError(
+            f"{key} = {spec!r}: cannot load {attr} from {module} ({type(err).__name__}: {err}); "
+            "the module must be importable from the project folder"
+        ) from None
+
+
+def _builtin_or_dotted(value: str, builtin: tuple[str, ...], example: str) -> str:
+    if value in builtin or DOTTED_PATH.match(value):
+        return value
+    raise ValueError(f"allowed: {', '.join(repr(b) for b in builtin)}, or a dotted path like {example!r}")
+
+
 class BaseParams(_Block):
     seed: int = Field(0, description="Seed of model initialisation, batch order and clustering.")
     device: str = Field("cpu", description="auto | cpu | cuda | cuda:N")
@@ -45,17 +70,52 @@ class SubsetParams(_Block):
 
 
 class DataParams(_Block):
-    name: Literal["digits"] = Field("digits", description="Dataset; digits ships with scikit-learn.")
+    name: str = Field(
+        "digits",
+        description="digits (ships with scikit-learn), fashion-mnist, mnist, cifar10, cifar100, tinyimagenet, "
+        "or a loader of your own as module:function",
+    )
     root: str = Field("data", description="Folder where file-based datasets are looked for.")
-    test_fraction: float = Field(0.25, gt=0.0, lt=1.0, description="Share of the data in the fixed test split.")
+    download: bool = Field(False, description="Let torchvision fetch mnist / cifar10 / cifar100 into root.")
+    test_fraction: float = Field(
+        0.25, gt=0.0, lt=1.0, description="Share of the data in the fixed test split (digits: no split of its own)."
+    )
     subset: SubsetParams | None = Field(None, description="Keep a stratified subset (small CPU runs).")
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, name: str) -> str:
+        return _builtin_or_dotted(name, BUILTIN_DATASETS, "mypkg.data:load")
 
 
 class ModelParams(_Block):
-    name: Literal["convnet", "mlp"] = "convnet"
-    width: PositiveInt = Field(32, description="Channels per conv block (hidden units for mlp).")
-    depth: PositiveInt = Field(2, description="Number of conv-norm-relu-pool blocks (hidden layers for mlp).")
-    norm: Literal["instancenorm", "batchnorm", "none"] = "instancenorm"
+    name: str = Field(
+        "convnet", description="convnet, mlp, resnet18, alexnet, vit, or a model class of your own as module:Class"
+    )
+    width: PositiveInt = Field(
+        32,
+        description="convnet: channels per block; mlp: hidden units; alexnet: channels of its first conv; "
+        "vit: embedding size (resnet18 keeps torchvision's widths)",
+    )
+    depth: PositiveInt = Field(
+        2, description="convnet: conv-norm-relu-pool blocks; mlp: hidden layers; vit: transformer blocks"
+    )
+    norm: Literal["instancenorm", "batchnorm", "none"] = Field(
+        "instancenorm", description="Normalisation layers of convnet and resnet18."
+    )
+    patch_size: PositiveInt = Field(4, description="vit: patch size (must divide the image size).")
+    heads: PositiveInt = Field(4, description="vit: attention heads (must divide width).")
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, name: str) -> str:
+        return _builtin_or_dotted(name, BUILTIN_MODELS, "mypkg.models:Net")
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self) -> ModelParams:
+        if self.name == "vit" and self.width % self.heads:
+            raise ValueError(f"model.heads = {self.heads} must divide model.width = {self.width} for vit")
+        return self
 
 
 class TrainParams(_Block):
@@ -89,6 +149,11 @@ class DistillParams(_Block):
     direction: Literal["reverse", "forward"] = "reverse"
     magnitude_weight: float = Field(
         1.0, ge=0.0, description="Weight of the gradient-norm term next to the cosine term."
+    )
+    batchnorm: Literal["eval", "train"] = Field(
+        "eval",
+        description="BatchNorm during matching and removal: eval uses each checkpoint's running statistics, "
+        "train the statistics of the batch (the cluster's members, the synset's images)",
     )
 
 

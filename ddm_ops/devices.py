@@ -18,3 +18,9 @@ def resolve_device(spec: str) -> torch.device:
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise ParamsError(f"base.device = {spec!r}: only {torch.cuda.device_count()} CUDA devices")
     return device
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (so a wall-clock timing on CUDA measures the work, not its launch)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

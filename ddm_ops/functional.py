@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ddm_ops.objectives import summed_loss
 
@@ -22,6 +24,14 @@ def split_state(model: nn.Module, state: dict[str, torch.Tensor]) -> tuple[Weigh
 def stack(states: Sequence[Weights]) -> Weights:
     """Stack weight dicts along a new leading dimension."""
     return {k: torch.stack([s[k] for s in states]) for k in states[0]}
+
+
+@contextmanager
+def math_attention() -> Iterator[None]:
+    """Attention by its plain formula: the fused kernels have no batching rule for vmap and no second derivative,
+    which matching (a gradient of gradients over stacked weights) needs. No effect on models without attention."""
+    with sdpa_kernel(SDPBackend.MATH):
+        yield
 
 
 def mean_loss(
@@ -46,12 +56,14 @@ def batched_grads(
     """
     fn = grad(lambda p, b, xx, tt: mean_loss(model, p, b, xx, tt))
     dims = 0 if data_batched else None
-    return vmap(fn, in_dims=(0, 0, dims, dims))(params, buffers, x, targets)
+    with math_attention():
+        return vmap(fn, in_dims=(0, 0, dims, dims))(params, buffers, x, targets)
 
 
 def batched_logits(model: nn.Module, params: Weights, buffers: Weights, x: torch.Tensor) -> torch.Tensor:
     """Logits (n_weight_sets, N, classes) of each weight set on the same inputs x."""
-    return vmap(lambda p, b: functional_call(model, (p, b), (x,)))(params, buffers)
+    with math_attention():
+        return vmap(lambda p, b: functional_call(model, (p, b), (x,)))(params, buffers)
 
 
 def per_sample_grads(
@@ -62,4 +74,5 @@ def per_sample_grads(
     def one(p: Weights, xi: torch.Tensor, yi: torch.Tensor) -> torch.Tensor:
         return objective(functional_call(model, (p, buffers), (xi[None],)), yi[None])[0]
 
-    return vmap(grad(one), in_dims=(None, 0, 0))(params, x, labels)
+    with math_attention():
+        return vmap(grad(one), in_dims=(None, 0, 0))(params, x, labels)

@@ -46,12 +46,17 @@ def batch_order(n: int, batch_size: int, epochs: int, seed: int) -> list[list[to
 
 
 @torch.no_grad()
-def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+def predict(model: nn.Module, x: torch.Tensor, batch: int = 1024) -> torch.Tensor:
+    """Logits of the model in eval mode on x, `batch` images at a time (memory)."""
     was = model.training
     model.eval()
-    acc = (model(x).argmax(-1) == y).float().mean().item()
+    logits = torch.cat([model(chunk) for chunk in x.split(batch)])
     model.train(was)
-    return acc
+    return logits
+
+
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    return (predict(model, x).argmax(-1) == y).float().mean().item()
 
 
 def train(

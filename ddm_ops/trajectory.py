@@ -56,9 +56,13 @@ def cluster_gradients(model: nn.Module, trajectory: Trajectory, x: torch.Tensor,
 
     G_t = (epochs_t / batch_size) * sum_i grad loss_i(θ_t): the cluster's share of the gradient that SGD applied
     during segment t (each member is seen once per epoch, and every batch loss is divided by the batch size).
+    Members are taken a training batch at a time (memory; and the batches BatchNorm normalises over in train mode).
     """
     seg = torch.arange(trajectory.segments)
     params, buffers = trajectory.at(seg)
-    grads = batched_grads(model, params, buffers, x, y)
-    scale = trajectory.epochs.to(x.device) * len(x) / trajectory.batch_size
-    return {k: g * scale.view(-1, *([1] * (g.dim() - 1))) for k, g in grads.items()}
+    total: Weights = {}
+    for xs, ys in zip(x.split(trajectory.batch_size), y.split(trajectory.batch_size)):
+        for k, g in batched_grads(model, params, buffers, xs, ys).items():  # mean over the batch
+            total[k] = total[k] + g * len(xs) if k in total else g * len(xs)
+    scale = trajectory.epochs.to(x.device) / trajectory.batch_size
+    return {k: g * scale.view(-1, *([1] * (g.dim() - 1))) for k, g in total.items()}

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from ddm_ops.functional import Weights, batched_grads
+from ddm_ops.functional import Weights, batched_grads, math_attention
 
 
 def unlearn(
@@ -35,9 +35,13 @@ def unlearn(
 
 
 @torch.no_grad()
-def outputs_of(model: nn.Module, params: Weights, buffers: Weights, x: torch.Tensor) -> torch.Tensor:
-    """Logits (R, N, classes) on x of each of R stacked parameter sets sharing `buffers` (one pass per model)."""
+def outputs_of(model: nn.Module, params: Weights, buffers: Weights, x: torch.Tensor, batch: int = 1024) -> torch.Tensor:
+    """Logits (R, N, classes) on x of each of R stacked parameter sets sharing `buffers`, `batch` images a pass."""
     r = len(next(iter(params.values())))
-    return torch.stack(
-        [functional_call(model, ({k: v[i] for k, v in params.items()}, buffers), (x,)) for i in range(r)]
-    )
+
+    def logits(i: int) -> torch.Tensor:
+        weights = ({k: v[i] for k, v in params.items()}, buffers)
+        return torch.cat([functional_call(model, weights, (chunk,)) for chunk in x.split(batch)])
+
+    with math_attention():
+        return torch.stack([logits(i) for i in range(r)])

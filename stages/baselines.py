@@ -16,6 +16,7 @@ from ddm_ops.calibration import calibrate_step
 from ddm_ops.config import Params
 from ddm_ops.devices import resolve_device
 from ddm_ops.functional import split_state
+from ddm_ops.models import functional_mode
 from ddm_ops.trajectory import Trajectory
 from ddm_ops.unlearn import outputs_of
 from stages.common import (
@@ -73,7 +74,7 @@ def run(params: Params, paths: Paths, out: Path) -> dict:
         x, y = ds.x_train.to(device), ds.y_train.to(device)
         members = [(x[ids == k], y[ids == k]) for k in cluster_ids]
         x_test, y_test, test_labels = ds.x_test.to(device), ds.y_test.to(device), ds.y_test.numpy()
-        model = new_model(params, ds).to(device).eval()
+        model = functional_mode(new_model(params, ds).to(device), params.distill.batchnorm)
         objectives = params.attribute.objectives
 
         start = time.perf_counter()

@@ -20,7 +20,7 @@ import torch
 from ddm_ops.config import Params, ParamsError
 from ddm_ops.data import Dataset, load_dataset
 from ddm_ops.evaluation import Truth
-from ddm_ops.models import build_model
+from ddm_ops.models import build_model, check_model_fits
 from ddm_ops.train import Checkpoint
 
 
@@ -102,9 +102,7 @@ def check_params_against_data(params: Params, ds: Dataset) -> None:
             f"cluster.k_per_class = {params.cluster.k_per_class}: must be at most the smallest class's training "
             f"size ({counts.min()} samples of class {counts.argmin()})"
         )
-    h = ds.image_shape[1]
-    if params.model.name == "convnet" and h >> params.model.depth == 0:
-        raise ParamsError(f"model.depth = {params.model.depth}: {h}x{h} images allow at most {h.bit_length() - 1}")
+    check_model_fits(params.model, ds.image_shape)
 
 
 def load_ground_truth(paths: Paths, params: Params) -> Truth:

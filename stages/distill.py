@@ -14,6 +14,7 @@ import torch
 from ddm_ops.cluster import nearest_members
 from ddm_ops.config import Params
 from ddm_ops.distill import distill_cluster
+from ddm_ops.models import functional_mode
 from ddm_ops.trajectory import Trajectory
 from pipeline.runners import fan_out, task_device
 from stages.common import Paths, dataset, load_checkpoints, load_tensors, new_model, read_parquet, write_parquet
@@ -40,7 +41,7 @@ def distill_one(root: str, params: dict, cluster_id: int, work: str) -> dict:
         ids, dist = assign["cluster_id"].to_numpy(), assign["centroid_distance"].to_numpy()
         members = np.flatnonzero(ids == cluster_id)
         init = nearest_members(ids, dist, cluster_id, p.distill.ipc)
-        model = new_model(p, ds).to(device).eval()  # BatchNorm: the checkpoint's running statistics
+        model = functional_mode(new_model(p, ds).to(device), p.distill.batchnorm)
         start = time.perf_counter()
         synset, losses = distill_cluster(
             model,

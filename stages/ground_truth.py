@@ -21,7 +21,7 @@ import torch
 import ddm_ops
 from ddm_ops.config import Params
 from ddm_ops.groundtruth import calibration_clusters, within_class_subsets
-from ddm_ops.train import train
+from ddm_ops.train import predict, train
 from pipeline.runners import fan_out, task_device
 from stages.common import Paths, concat_or_empty, dataset, new_model, read_parquet, write_parquet
 
@@ -96,9 +96,7 @@ def retrain_one(root: str, params: dict, job: str, removed: list[int], seed: int
             label=f"ground_truth {job}",
         )
         seconds = time.perf_counter() - start
-        model.eval()
-        with torch.no_grad():
-            logits = model(ds.x_test.to(device)).cpu()
+        logits = predict(model, ds.x_test.to(device)).cpu()
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
         torch.save({"logits": logits, "seconds": seconds}, tmp)

@@ -15,36 +15,47 @@ import torch
 
 from ddm_ops.calibration import calibrate_step
 from ddm_ops.config import Params
-from ddm_ops.devices import resolve_device
+from ddm_ops.devices import resolve_device, synchronize
 from ddm_ops.distill import removal_sign
 from ddm_ops.functional import split_state
+from ddm_ops.models import functional_mode
 from ddm_ops.unlearn import outputs_of, unlearn
 from stages.common import Paths, dataset, load_ground_truth, load_tensors, new_model, write_parquet
 
 BASE = -1  # cluster_id of the unperturbed target θ_T in outputs.parquet
+WEIGHTS_PER_PASS = 50_000_000  # removals are batched so that their stacked weights stay below this many numbers
 
 
 def run(params: Params, paths: Paths, out: Path) -> dict:
     ds = dataset(params)
     device = resolve_device(params.base.device)
-    model = new_model(params, ds).to(device).eval()
+    model = functional_mode(new_model(params, ds).to(device), params.distill.batchnorm)
     state = load_tensors(paths.stage("train_target") / "model.pt")
     theta, buffers = split_state(model, {k: v.to(device) for k, v in state.items()})
     synset = load_tensors(paths.stage("distill") / "synset.pt")
     x_test = ds.x_test.to(device)
     images, labels = synset["images"].to(device), synset["labels"].to(device)
     sign, n_u = removal_sign(synset["direction"]), params.perturb.n_u
+    per_pass = max(1, WEIGHTS_PER_PASS // sum(v.numel() for v in theta.values()))
 
-    def remove(rows: np.ndarray | slice, step: float) -> torch.Tensor:
-        removed = unlearn(model, theta, buffers, images[rows], labels[rows], n_u, step, sign)
-        return outputs_of(model, removed, buffers, x_test)
+    def remove(rows: np.ndarray, step: float) -> tuple[torch.Tensor, float]:
+        """Test logits of the models with each row's synset removed, and the seconds the removal steps took."""
+        logits, seconds = [], 0.0
+        for part in np.array_split(rows, -(-len(rows) // per_pass)):
+            synchronize(device)
+            start = time.perf_counter()
+            removed = unlearn(model, theta, buffers, images[part], labels[part], n_u, step, sign)
+            synchronize(device)
+            seconds += time.perf_counter() - start
+            logits.append(outputs_of(model, removed, buffers, x_test))
+        return torch.cat(logits), seconds
 
     metrics = {}
     step = params.perturb.step_size
     if step == "auto":
         gt = load_ground_truth(paths, params)
         truth = torch.from_numpy(gt.cluster[gt.aligned_seed][gt.calibration]).to(device)
-        step, curve = calibrate_step(lambda s: remove(gt.calibration, s), truth)
+        step, curve = calibrate_step(lambda s: remove(gt.calibration, s)[0], truth)
         write_parquet(
             pd.DataFrame(curve),
             out / "calibration.parquet",
@@ -52,16 +63,12 @@ def run(params: Params, paths: Paths, out: Path) -> dict:
             {"step_size": "removal step size", "dist1": "mean Dist1 of the removed to the retrained models"},
         )
         metrics["calibrated_step_size"] = step
-    remove(slice(0, 1), step)  # one-off warm-up, not part of the timed online work
+    remove(np.arange(1), step)  # one-off warm-up, not part of the timed online work
+    synchronize(device)
     start = time.perf_counter()
-    removed = unlearn(model, theta, buffers, images, labels, n_u, step, sign)
-    removal_seconds = time.perf_counter() - start
-    logits = torch.cat(
-        [
-            outputs_of(model, {k: v[None] for k, v in theta.items()}, buffers, x_test),
-            outputs_of(model, removed, buffers, x_test),
-        ]
-    )
+    removed_logits, removal_seconds = remove(np.arange(len(images)), step)
+    logits = torch.cat([outputs_of(model, {k: v[None] for k, v in theta.items()}, buffers, x_test), removed_logits])
+    synchronize(device)
     online_seconds = time.perf_counter() - start
     logits = logits.cpu().numpy()  # (1 + K, M, C)
     ids = np.concatenate([[BASE], synset["cluster_ids"].numpy()])

@@ -8,6 +8,7 @@ import pandas as pd
 import torch
 
 from ddm_ops.config import Params
+from ddm_ops.models import penultimate_features
 from stages.common import Paths, dataset, load_checkpoints, new_model, write_parquet
 
 
@@ -56,9 +57,7 @@ def run(params: Params, paths: Paths, out: Path) -> dict:
         features = ds.x_train.flatten(1)
     else:
         model.load_state_dict(checkpoints[-1].state)
-        model.eval()
-        with torch.no_grad():
-            features = model.features(ds.x_train)
+        features = penultimate_features(model, ds.x_train)
     torch.save(
         {"features": features.contiguous(), "train_index": torch.from_numpy(ds.train_index)}, out / "features.pt"
     )

@@ -28,7 +28,9 @@ def _show(ax, image: np.ndarray, title: str = "") -> None:
 
 
 def _pixels(ds: Dataset, x) -> np.ndarray:
-    return ds.denormalise(x).mean(0).numpy() if x.dim() == 3 else ds.denormalise(x).numpy()
+    """An image (C, H, W) as imshow takes it: (H, W) for one channel, (H, W, 3) for colour."""
+    pixels = ds.denormalise(x)
+    return pixels[0].numpy() if pixels.shape[0] == 1 else pixels.permute(1, 2, 0).numpy()
 
 
 def figure_synsets(ds: Dataset, synset: dict, assign: pd.DataFrame, path: Path) -> None:

@@ -81,10 +81,15 @@ def dvc(folder: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "dvc", *args], cwd=folder, capture_output=True, text=True, env=env)
 
 
+SLOWEST_FIRST = ["test_quality", "test_runners", "test_pipeline", "test_flow", "test_architectures"]
+
+
 def pytest_collection_modifyitems(config, items):
-    """GPU tests run only where CUDA is present (also under `make test-all`)."""
+    """The slowest modules first (so that two xdist workers finish together); GPU tests only where CUDA is."""
     import torch
 
+    rank = {name: i for i, name in enumerate(SLOWEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.module.__name__, len(rank)))
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs CUDA")

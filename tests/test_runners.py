@@ -43,7 +43,7 @@ def _same_results_on(folder: Path, runner: str) -> None:
     assert (folder / "outputs/attribute/attribution.parquet").read_bytes() == attribution, runner
 
 
-@pytest.mark.parametrize("runner", ["thread", "process", "dask"])
+@pytest.mark.parametrize("runner", ["process", "dask"])
 def test_runners_give_byte_identical_synsets_and_attribution(project, runner):
     _same_results_on(project, runner)
 
