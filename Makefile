@@ -11,14 +11,14 @@ export DVC_NO_ANALYTICS := 1
 export RAY_USAGE_STATS_ENABLED := 0
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
 
-.PHONY: setup data run flow test test-all lint bench clean
+.PHONY: setup data browser run flow ui test test-all lint bench clean
 
 setup: $(VENV)/.ready
 
 # constraints.txt pins every package, so every fresh set-up resolves the same versions.
 $(VENV)/.ready: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev]'
+	$(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev,peers]'
 	@test -d .dvc || dvc init --quiet $$(git rev-parse --git-dir >/dev/null 2>&1 || echo --no-scm)
 	touch $@
 
@@ -28,12 +28,21 @@ data:
 	@test -d /usr/share/datasets/fashion-mnist || \
 		{ $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq dataset-fashion-mnist; }
 
+# Debian's Chromium and ChromeDriver, for the test that renders report.html in a real browser.
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+		{ $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium chromium-driver; }
+
 run: setup
 	dvc repro
 	@echo "report: outputs/report/report.md   metrics: outputs/report/metrics.json   runs: mlflow ui --backend-store-uri sqlite:///mlflow.db"
 
 flow: setup
 	python -m pipeline flow
+
+# MLflow UI and Prefect server on 127.0.0.1 (ports 5000 and 4200); Ctrl-C stops both.
+ui: setup
+	python -m pipeline ui
 
 # Two pytest workers (one per core), each test module on one worker so its fixtures are built once.
 test: setup

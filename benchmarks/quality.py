@@ -24,22 +24,33 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "benchmarks" / "configs"
 WORK = ROOT / "benchmarks" / ".work"
-RESULT = ROOT / "benchmarks" / "results" / "quality.json"
+RESULTS = ROOT / "benchmarks" / "results"
+RESULT = RESULTS / "quality.json"
 
 
 def params_for(overrides: dict) -> dict:
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     for block, values in overrides.items():
-        params[block] = {**params[block], **values}
+        params[block] = {**params[block], **values} if isinstance(values, dict) else values
     return params
 
 
-def run_config(name: str) -> dict:
-    overrides = yaml.safe_load((CONFIGS / f"{name}.yaml").read_text())
+def config(name: str) -> dict:
+    """The overrides of benchmarks/configs/<name>.yaml."""
+    return yaml.safe_load((CONFIGS / f"{name}.yaml").read_text())
+
+
+def run_config(name: str, overrides: dict | None = None) -> dict:
+    """`dvc repro` of benchmarks/configs/<name>.yaml (or of `overrides`) in its own project under .work/<name>.
+
+    The project is kept between runs with this repository's current code and the params, so DVC reruns only the
+    stages whose code or params changed (scripts that read the same config share its outputs).
+    """
+    overrides = config(name) if overrides is None else overrides
     folder = WORK / name
-    shutil.rmtree(folder, ignore_errors=True)
-    folder.mkdir(parents=True)
+    folder.mkdir(parents=True, exist_ok=True)
     for part in ("ddm_ops", "stages", "pipeline"):
+        shutil.rmtree(folder / part, ignore_errors=True)
         shutil.copytree(ROOT / part, folder / part, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(ROOT / "dvc.yaml", folder / "dvc.yaml")
     (folder / "params.yaml").write_text(yaml.safe_dump(params_for(overrides), sort_keys=False))
@@ -48,13 +59,24 @@ def run_config(name: str) -> dict:
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
         "DDM_CACHE_DIR": str(ROOT / "benchmarks" / ".cache"),
     }
-    for cmd in (["git", "init", "-q"], [sys.executable, "-m", "dvc", "init", "-q"]):
-        subprocess.run(cmd, cwd=folder, check=True, env=env)
+    if not (folder / ".dvc").is_dir():
+        for cmd in (["git", "init", "-q"], [sys.executable, "-m", "dvc", "init", "-q"]):
+            subprocess.run(cmd, cwd=folder, check=True, env=env)
     start = time.perf_counter()
     subprocess.run([sys.executable, "-m", "dvc", "repro", "-q"], cwd=folder, check=True, env=env)
     wall = time.perf_counter() - start
     stages = {p.parent.name: json.loads(p.read_text()) for p in sorted((folder / "outputs").glob("*/metrics.json"))}
     return {"overrides": overrides, "dvc_repro_seconds": wall, "report": stages.pop("report"), "stages": stages}
+
+
+def by_name(report: dict, prefix: str) -> dict[str, dict[str, float]]:
+    """The report's `<prefix>.<name>.<metric>` keys as {name: {metric: value}}."""
+    grouped: dict[str, dict[str, float]] = {}
+    for key, value in report.items():
+        if key.startswith(prefix + "."):
+            _, name, metric = key.split(".")
+            grouped.setdefault(name, {})[metric] = value
+    return grouped
 
 
 HEADLINE = [
@@ -67,7 +89,7 @@ HEADLINE = [
     ("fidelity_dist1", "fidelity Dist1"),
 ]
 METHODS = ["ddm", "first_order", "gradient_ascent", "input_similarity", "class_indicator"]
-MAIN = ["digits_k50", "digits_k20", "fashion_k100", "fashion_resnet18"]  # methods side by side; the rest are variants
+MAIN = ["digits_k50", "digits_k20", "fashion_k100", "digits_resnet18"]  # methods side by side; the rest are variants
 
 
 def _fmt(value) -> str:

@@ -3,10 +3,12 @@
 Runs the default digits params in a fresh project under a temporary folder, stage by stage, and writes
 benchmarks/results/scaling.json. Target: the distill stage with 2 workers at least 1.6x faster than with 1 on the
 2-core machine. Shared machines are noisy, so every runner / worker configuration runs REPEATS times, interleaved,
-and the fastest run counts. Next to it, the machine's own ceiling: the very same per-cluster function in 1 and in 2
-plain processes (multiprocessing, no Prefect, no DVC), in the same process as the rest.
+and the fastest run counts; once with each stage starting a temporary Prefect server of its own, once reporting to
+a running `prefect server start` (PREFECT_API_URL, as a team runs it). Next to it, the machine's own ceiling: the
+very same per-cluster function in 1 and in 2 plain processes (multiprocessing, no Prefect, no DVC).
 
-    python benchmarks/scaling.py        # ~35 minutes on 2 cores
+    python benchmarks/scaling.py                 # every section, ~50 minutes on 2 cores
+    python benchmarks/scaling.py server ceiling  # some of runners, server, ceiling, sweeps (merged into the JSON)
 """
 
 from __future__ import annotations
@@ -16,10 +18,13 @@ import multiprocessing
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 
 import yaml
@@ -48,12 +53,13 @@ def set_params(folder: Path, **blocks: dict) -> None:
     (folder / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
-def stages(folder: Path, *names: str) -> dict:
+def stages(folder: Path, *names: str, env: dict | None = None) -> dict:
     """Run the stages in order; return {stage: metrics} with the wall time of each stage's process."""
     out = {}
     for name in names:
         start = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "pipeline", "run", name], cwd=folder, check=True, capture_output=True)
+        cmd = [sys.executable, "-m", "pipeline", "run", name]
+        subprocess.run(cmd, cwd=folder, check=True, capture_output=True, env=env)
         metrics = json.loads((folder / "outputs" / name / "metrics.json").read_text())
         out[name] = {**metrics, "process_seconds": time.perf_counter() - start}
     return out
@@ -109,53 +115,96 @@ def ceiling(folder: Path) -> dict:
     return out
 
 
-def main() -> None:
-    result: dict = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform()}, "repeats": REPEATS}
+def by_runner(folder: Path, env: dict | None = None) -> dict:
+    """Distill + perturb on every runner / worker count, REPEATS times interleaved; the fastest run of each."""
+    runs: dict[str, list[dict]] = {f"{r}_{w}": [] for r, w in RUNNERS}
+    for repeat in range(REPEATS):
+        for runner, workers in RUNNERS:
+            set_params(folder, execution={"runner": runner, "workers": workers})
+            runs[f"{runner}_{workers}"].append(r := row(stages(folder, "distill", "perturb", env=env)))
+            print(repeat, runner, workers, r, flush=True)
+    out: dict = {
+        name: {
+            **min(rows, key=lambda r: r["distill_seconds"]),
+            "distill_seconds_all": [r["distill_seconds"] for r in rows],
+        }
+        for name, rows in runs.items()
+    }
+    for runner in ("process", "dask"):
+        out[f"{runner}_speedup_2_workers"] = (
+            out[f"{runner}_1"]["distill_seconds"] / out[f"{runner}_2"]["distill_seconds"]
+        )
+    return out
+
+
+@contextmanager
+def prefect_server(port: int = 4299):
+    """A `prefect server start` on loopback for the duration (what a team runs, instead of a temporary one)."""
+    home = tempfile.mkdtemp()
+    env = {**os.environ, "PREFECT_HOME": home, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    cmd = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)]
+    server = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    url = f"http://127.0.0.1:{port}/api"
+    try:
+        for _ in range(240):
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2):
+                    break
+            except OSError:
+                time.sleep(0.5)
+        yield {**os.environ, "PREFECT_API_URL": url}
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def sweeps(folder: Path) -> dict:
+    """How distill + perturb grow with the number of clusters K and with the training-set size N."""
+    out: dict = {"by_k": {}, "by_train_size": {}, "sweeps_runner": SWEEP_RUNNER}
+    for k in K_PER_CLASS:
+        set_params(folder, cluster={"k_per_class": k}, execution=SWEEP_RUNNER)
+        out["by_k"][str(10 * k)] = r = row(stages(folder, "cluster", "distill", "perturb"))
+        print("K", 10 * k, r, flush=True)
+    for n in TRAIN_SIZES:
+        set_params(folder, data={"subset": {"train": n, "test": None, "seed": 0}}, execution=SWEEP_RUNNER)
+        measured = stages(folder, "train_target", "record_trajectory", "cluster", "ground_truth", "distill", "perturb")
+        out["by_train_size"][str(n)] = r = {**row(measured), "train_seconds": measured["train_target"]["train_seconds"]}
+        print("N", n, r, flush=True)
+    return out
+
+
+SECTIONS = ("runners", "server", "ceiling", "sweeps")
+
+
+def main(sections: list[str]) -> None:
+    result = json.loads(RESULT.read_text()) if RESULT.is_file() else {}
+    result.update(machine={"cpus": os.cpu_count(), "platform": platform.platform()}, repeats=REPEATS)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         project(folder)
         sys.path.insert(0, str(folder))  # this copy of the code, also in the ceiling's processes
         set_params(folder)
         stages(folder, "train_target", "record_trajectory", "cluster", "ground_truth")
-        runs: dict[str, list[dict]] = {f"{r}_{w}": [] for r, w in RUNNERS}
-        for repeat in range(REPEATS):
-            for runner, workers in RUNNERS:
-                set_params(folder, execution={"runner": runner, "workers": workers})
-                runs[f"{runner}_{workers}"].append(r := row(stages(folder, "distill", "perturb")))
-                print(repeat, runner, workers, r, flush=True)
-        result["by_runner"] = {
-            name: {
-                **min(rows, key=lambda r: r["distill_seconds"]),
-                "distill_seconds_all": [r["distill_seconds"] for r in rows],
-            }
-            for name, rows in runs.items()
-        }
-        for runner in ("process", "dask"):
-            one, two = result["by_runner"][f"{runner}_1"], result["by_runner"][f"{runner}_2"]
-            result[f"{runner}_speedup_2_workers"] = one["distill_seconds"] / two["distill_seconds"]
-        set_params(folder)
-        result["machine_ceiling"] = ceiling(folder)
-        print("ceiling", result["machine_ceiling"], flush=True)
-        result["by_k"] = {}
-        for k in K_PER_CLASS:
-            set_params(folder, cluster={"k_per_class": k}, execution=SWEEP_RUNNER)
-            result["by_k"][str(10 * k)] = r = row(stages(folder, "cluster", "distill", "perturb"))
-            print("K", 10 * k, r, flush=True)
-        result["by_train_size"] = {}
-        for n in TRAIN_SIZES:
-            set_params(folder, data={"subset": {"train": n, "test": None, "seed": 0}}, execution=SWEEP_RUNNER)
-            measured = stages(
-                folder, "train_target", "record_trajectory", "cluster", "ground_truth", "distill", "perturb"
-            )
-            result["by_train_size"][str(n)] = r = {
-                **row(measured),
-                "train_seconds": measured["train_target"]["train_seconds"],
-            }
-            print("N", n, r, flush=True)
-    result["sweeps_runner"] = SWEEP_RUNNER
+        if "runners" in sections:  # each stage starts a temporary Prefect server of its own
+            result["by_runner"] = by_runner(folder)
+        if "server" in sections:  # the stages report to a running Prefect server (PREFECT_API_URL)
+            with prefect_server() as env:
+                result["by_runner_with_server"] = by_runner(folder, env)
+        if "ceiling" in sections:
+            set_params(folder)
+            result["machine_ceiling"] = ceiling(folder)
+            print("ceiling", result["machine_ceiling"], flush=True)
+        if "sweeps" in sections:
+            result.update(sweeps(folder))
     RESULT.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {RESULT}")
 
 
 if __name__ == "__main__":
-    main()
+    chosen = sys.argv[1:] or list(SECTIONS)
+    if set(chosen) - set(SECTIONS):
+        sys.exit(f"sections are {', '.join(SECTIONS)}; got {' '.join(chosen)}")
+    main(chosen)

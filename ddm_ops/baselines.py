@@ -9,7 +9,7 @@ from torch import nn
 
 from ddm_ops.functional import Weights, per_sample_grads
 from ddm_ops.objectives import OBJECTIVES
-from ddm_ops.trajectory import Trajectory, cluster_gradients
+from ddm_ops.trajectory import Trajectory
 from ddm_ops.unlearn import outputs_of, unlearn
 
 
@@ -36,20 +36,20 @@ def input_similarity(
 def first_order_scores(
     model: nn.Module,
     trajectory: Trajectory,
-    members: list[tuple[torch.Tensor, torch.Tensor]],
+    grads: list[Weights],
     x_test: torch.Tensor,
     y_test: torch.Tensor,
     objective: str,
 ) -> np.ndarray:
     """(K, M) first-order trajectory estimate of the drop of o_j when cluster κ is removed.
 
-    Training on κ moved θ by -Σ_t η_t G_κ(t) (G with its true magnitude, see cluster_gradients); to first order
-    removing it changes o_j by +Σ_t η_t <∇o_j(θ_t), G_κ(t)>, so the drop is -Σ_t η_t <∇o_j(θ_t), G_κ(t)>
-    (TracIn over the recorded checkpoints, summed over the cluster).
+    `grads` holds each cluster's real gradients along the trajectory (cluster_gradients, with their true
+    magnitude). Training on κ moved θ by -Σ_t η_t G_κ(t); to first order removing it changes o_j by
+    +Σ_t η_t <∇o_j(θ_t), G_κ(t)>, so the drop is -Σ_t η_t <∇o_j(θ_t), G_κ(t)> (TracIn over the recorded
+    checkpoints, summed over the cluster).
     """
-    grads = [cluster_gradients(model, trajectory, x, y) for x, y in members]
     flat = lambda g, t: torch.cat([v[t].flatten() for v in g.values()])  # noqa: E731
-    score = torch.zeros(len(members), len(x_test), dtype=torch.float64)
+    score = torch.zeros(len(grads), len(x_test), dtype=torch.float64)
     for t in range(trajectory.segments):
         params, buffers = trajectory.at(t)
         j = per_sample_grads(model, params, buffers, x_test, y_test, OBJECTIVES[objective])

@@ -69,6 +69,16 @@ class SubsetParams(_Block):
     seed: int = Field(0, description="Seed of the stratified subset.")
 
 
+class LabelNoiseParams(_Block):
+    fraction: float = Field(0.1, gt=0.0, lt=1.0, description="Share of the training samples whose label is flipped.")
+    mode: Literal["uniform", "clustered"] = Field(
+        "uniform",
+        description="uniform: samples drawn at random, each given another class at random; clustered: whole "
+        "pixel-space k-means groups (5 per class) relabelled, each group to one other class",
+    )
+    seed: int = Field(0, description="Seed of which labels are flipped and to what.")
+
+
 class DataParams(_Block):
     name: str = Field(
         "digits",
@@ -81,6 +91,9 @@ class DataParams(_Block):
         0.25, gt=0.0, lt=1.0, description="Share of the data in the fixed test split (digits: no split of its own)."
     )
     subset: SubsetParams | None = Field(None, description="Keep a stratified subset (small CPU runs).")
+    label_noise: LabelNoiseParams | None = Field(
+        None, description="Corrupt training labels to evaluate data-quality attribution (test labels stay clean)."
+    )
 
     @field_validator("name")
     @classmethod
@@ -204,9 +217,48 @@ class AttributeParams(_Block):
     )
 
 
+BASELINES = (
+    "first_order",
+    "gradient_ascent",
+    "forward_matching",
+    "tracin",
+    "influence",
+    "trak",
+    "trak_ensemble",
+    "ekfac",
+)
+
+
 class BaselinesParams(_Block):
-    enabled: bool = Field(False, description="Compute the reference methods next to DDM (needs ground_truth).")
+    enabled: bool = Field(False, description="Compute the reference methods next to DDM.")
+    methods: tuple[Literal[BASELINES], ...] = Field(  # type: ignore[valid-type]
+        ("first_order", "gradient_ascent"),
+        description="Methods next to DDM (class_indicator and input_similarity always): first_order, "
+        "gradient_ascent, forward_matching (DDM's predecessor), and from the peers extra tracin, influence, trak "
+        "(one model), trak_ensemble, ekfac",
+    )
     gradient_ascent_steps: PositiveInt = Field(3, description="Ascent steps on the real cluster from θ_T.")
+    trak_models: int = Field(5, ge=2, description="trak_ensemble: the last this many checkpoints of the trajectory.")
+    influence_damping: float = Field(
+        0.0, ge=0.0, description="influence: damping added to the Hessian (dattri's default 0; see the README)."
+    )
+
+
+class DataQualityParams(_Block):
+    enabled: bool = Field(
+        False, description="Retrain without the least useful data by DDM's ranking (the removal curve)."
+    )
+    removal_percent: tuple[float, ...] = Field(
+        (0.0, 1.0, 10.0, 20.0, 50.0), description="Shares (%) of the training data removed, least useful first."
+    )
+    seeds: PositiveInt = Field(2, description="Retraining seeds per point of the curve (fresh batch order and init).")
+
+    @field_validator("removal_percent")
+    @classmethod
+    def _percent(cls, values: tuple[float, ...]) -> tuple[float, ...]:
+        if any(not 0 <= v < 100 for v in values):
+            raise ValueError("every share must be in [0, 100)")
+        return values
 
 
 class ReportParams(_Block):
@@ -228,6 +280,7 @@ class Params(_Block):
     perturb: PerturbParams = PerturbParams()
     attribute: AttributeParams = AttributeParams()
     baselines: BaselinesParams = BaselinesParams()
+    data_quality: DataQualityParams = DataQualityParams()
     report: ReportParams = ReportParams()
 
     @model_validator(mode="after")
@@ -237,10 +290,15 @@ class Params(_Block):
             raise ValueError(
                 "perturb.step_size = 'auto' needs ground_truth.enabled: true and ground_truth.calibration_clusters > 0"
             )
-        if self.baselines.enabled and not (gt.enabled and gt.calibration_clusters > 0):
+        calibrated = sorted({"gradient_ascent", "forward_matching"} & set(self.baselines.methods))
+        if self.baselines.enabled and calibrated and not (gt.enabled and gt.calibration_clusters > 0):
             raise ValueError(
-                "baselines.enabled = true needs ground_truth.enabled: true and ground_truth.calibration_clusters > 0 "
-                "(gradient ascent's step size is calibrated like DDM's)"
+                f"baselines.methods = {calibrated} needs ground_truth.enabled: true and "
+                "ground_truth.calibration_clusters > 0 (their removal step is calibrated like DDM's)"
+            )
+        if self.data_quality.enabled and "loss" not in self.attribute.objectives:
+            raise ValueError(
+                "data_quality.enabled = true needs 'loss' in attribute.objectives (clusters are ranked by it)"
             )
         return self
 

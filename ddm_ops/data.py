@@ -20,9 +20,11 @@ import numpy as np
 import torch
 from sklearn.model_selection import train_test_split
 
-from ddm_ops.config import BUILTIN_DATASETS, DataParams, ParamsError, import_dotted
+from ddm_ops.cluster import cluster_within_classes
+from ddm_ops.config import BUILTIN_DATASETS, DataParams, LabelNoiseParams, ParamsError, import_dotted
 
 SPLIT_SEED = 0  # the split is part of the dataset's definition, never of a run's seed
+NOISE_GROUPS_PER_CLASS = 5  # label_noise.mode clustered: pixel-space k-means groups per class
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 
 
@@ -32,7 +34,11 @@ class DataError(FileNotFoundError):
 
 @dataclass(frozen=True)
 class Dataset:
-    """Normalised images (N, C, H, W) float32, integer labels, and their positions in the fixed split."""
+    """Normalised images (N, C, H, W) float32, integer labels, and their positions in the fixed split.
+
+    y_train holds the labels as the model sees them: with `data.label_noise`, `noisy` marks the flipped ones and
+    `true_train_labels` keeps the originals.
+    """
 
     name: str
     x_train: torch.Tensor
@@ -44,6 +50,8 @@ class Dataset:
     num_classes: int
     mean: torch.Tensor
     std: torch.Tensor
+    noisy: np.ndarray
+    true_train_labels: np.ndarray
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -320,6 +328,37 @@ def _stratified_subset(labels: np.ndarray, n: int | None, seed: int, key: str) -
     return np.sort(keep)
 
 
+def flip_labels(
+    images: torch.Tensor, labels: np.ndarray, num_classes: int, params: LabelNoiseParams
+) -> tuple[np.ndarray, np.ndarray]:
+    """(labels with `params.fraction` of them flipped to another class, mask of the flipped ones).
+
+    uniform: samples drawn at random, each given another class at random. clustered: whole groups of similar
+    images (k-means on pixels within each class) given one other class each, until the fraction is reached: a
+    systematic mislabelling, as by a confused annotator.
+    """
+    rng = np.random.default_rng([params.seed, 3])
+    target = round(params.fraction * len(labels))
+    seen, flipped = labels.copy(), np.zeros(len(labels), dtype=bool)
+
+    def other(c: int) -> int:  # any class but c, uniformly
+        return int((c + rng.integers(1, num_classes)) % num_classes)
+
+    if params.mode == "uniform":
+        chosen = rng.choice(len(labels), size=target, replace=False)
+        seen[chosen] = [other(c) for c in labels[chosen]]
+        flipped[chosen] = True
+    else:
+        groups, _ = cluster_within_classes(images.flatten(1).numpy(), labels, NOISE_GROUPS_PER_CLASS, params.seed)
+        for g in rng.permutation(groups.max() + 1):
+            if flipped.sum() >= target:
+                break
+            members = groups == g
+            seen[members] = other(int(labels[members][0]))
+            flipped[members] = True
+    return seen, flipped
+
+
 def load_dataset(params: DataParams) -> Dataset:
     """Load the named dataset with its fixed split, keep the stratified subset, normalise per channel with the
     statistics of the training images kept."""
@@ -340,15 +379,22 @@ def load_dataset(params: DataParams) -> Dataset:
     mean = x_train.mean(dim=(0, 2, 3))
     std = x_train.std(dim=(0, 2, 3)).clamp_min(1e-6)
     norm = lambda x: (x - mean[:, None, None]) / std[:, None, None]  # noqa: E731
+    num_classes = int(max(train.labels.max(), test.labels.max())) + 1
+    true_labels = train.labels[train_index]
+    seen, noisy = true_labels, np.zeros(len(true_labels), dtype=bool)
+    if params.label_noise is not None:
+        seen, noisy = flip_labels(x_train, true_labels, num_classes, params.label_noise)
     return Dataset(
         name=params.name,
         x_train=norm(x_train).contiguous(),
-        y_train=torch.from_numpy(train.labels[train_index]),
+        y_train=torch.from_numpy(seen),
         x_test=norm(x_test).contiguous(),
         y_test=torch.from_numpy(test.labels[test_index]),
         train_index=train_index,
         test_index=test_index,
-        num_classes=int(max(train.labels.max(), test.labels.max())) + 1,
+        num_classes=num_classes,
         mean=mean,
         std=std,
+        noisy=noisy,
+        true_train_labels=true_labels,
     )

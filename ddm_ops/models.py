@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 from torch import nn
 
@@ -165,6 +168,19 @@ def functional_mode(model: nn.Module, batchnorm: str) -> nn.Module:
     return model
 
 
+@contextmanager
+def evaluating(model: nn.Module) -> Iterator[nn.Module]:
+    """The model in eval mode for predictions (BatchNorm with running statistics, no dropout), then every module
+    back in the mode it had (e.g. functional_mode's BatchNorm in train mode)."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
 def classifier_head(model: nn.Module) -> nn.Linear:
     """The model's last linear layer (its classifier), whose input is the penultimate representation."""
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
@@ -178,19 +194,17 @@ def penultimate_features(model: nn.Module, x: torch.Tensor, batch: int = 512) ->
     """The input of the classifier head for every image of x (N, D), computed in eval mode, `batch` at a time."""
     head, captured, parts = classifier_head(model), [], []
     handle = head.register_forward_hook(lambda m, inputs, output: captured.append(inputs[0].flatten(1)))
-    was = model.training
-    model.eval()
     try:
-        for chunk in x.split(batch):
-            captured.clear()
-            out = model(chunk)
-            if len(captured) != 1 or out.shape != (len(chunk), head.out_features):
-                raise ParamsError(
-                    "record_trajectory.features = 'penultimate': the model's last nn.Linear is not its output layer; "
-                    "use features: pixels"
-                )
-            parts.append(captured[0])
+        with evaluating(model):
+            for chunk in x.split(batch):
+                captured.clear()
+                out = model(chunk)
+                if len(captured) != 1 or out.shape != (len(chunk), head.out_features):
+                    raise ParamsError(
+                        "record_trajectory.features = 'penultimate': the model's last nn.Linear is not its output "
+                        "layer; use features: pixels"
+                    )
+                parts.append(captured[0])
     finally:
         handle.remove()
-        model.train(was)
     return torch.cat(parts)

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from ddm_ops.config import TrainParams
+from ddm_ops.models import evaluating
 from ddm_ops.objectives import summed_loss
 
 log = logging.getLogger(__name__)
@@ -48,11 +51,8 @@ def batch_order(n: int, batch_size: int, epochs: int, seed: int) -> list[list[to
 @torch.no_grad()
 def predict(model: nn.Module, x: torch.Tensor, batch: int = 1024) -> torch.Tensor:
     """Logits of the model in eval mode on x, `batch` images at a time (memory)."""
-    was = model.training
-    model.eval()
-    logits = torch.cat([model(chunk) for chunk in x.split(batch)])
-    model.train(was)
-    return logits
+    with evaluating(model):
+        return torch.cat([model(chunk) for chunk in x.split(batch)])
 
 
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
@@ -69,6 +69,7 @@ def train(
     on_checkpoint: Callable[[Checkpoint], None] | None = None,
     test: tuple[torch.Tensor, torch.Tensor] | None = None,
     label: str = "train",
+    progress: bool = False,
 ) -> list[dict]:
     """Train `model` in place with SGD on (x, y); return one history row per epoch.
 
@@ -76,8 +77,9 @@ def train(
     are dropped from their batch while the loss is still divided by the nominal batch size, so the run
     differs from the full-data run only by the removed samples' gradients (aligned retraining).
     `on_checkpoint` receives θ_t every `params.checkpoint_every` epochs, θ_0 first and θ_T last
-    (the last one with lr 0 and no epochs after it).
+    (the last one with lr 0 and no epochs after it). `progress` shows a bar of the epochs when stderr is a terminal.
     """
+
     opt = torch.optim.SGD(model.parameters(), lr=params.lr, momentum=params.momentum, weight_decay=params.weight_decay)
     order = batch_order(len(x), params.batch_size, params.epochs, seed)
     history, step, saved = [], 0, 0
@@ -94,6 +96,7 @@ def train(
         saved += 1
 
     model.train()
+    bar = tqdm(total=params.epochs, desc=label, unit="epoch", disable=not (progress and sys.stderr.isatty()))
     for epoch in range(params.epochs):
         if epoch % params.checkpoint_every == 0:
             checkpoint(epoch, final=False)
@@ -124,6 +127,8 @@ def train(
         if test is not None:
             row["test_accuracy"] = accuracy(model, *test)
         history.append(row)
+        bar.update()
+        bar.set_postfix({k: f"{v:.3f}" for k, v in row.items() if k in ("loss", "test_accuracy")})
         log.info(
             "%s epoch %d/%d loss %.4f%s",
             label,
@@ -132,5 +137,6 @@ def train(
             row["loss"],
             f" test acc {row['test_accuracy']:.3f}" if test is not None else "",
         )
+    bar.close()
     checkpoint(params.epochs, final=True)
     return history

@@ -7,6 +7,7 @@ from torch import nn
 from torch.func import functional_call
 
 from ddm_ops.functional import Weights, batched_grads, math_attention
+from ddm_ops.models import evaluating
 
 
 def unlearn(
@@ -36,12 +37,13 @@ def unlearn(
 
 @torch.no_grad()
 def outputs_of(model: nn.Module, params: Weights, buffers: Weights, x: torch.Tensor, batch: int = 1024) -> torch.Tensor:
-    """Logits (R, N, classes) on x of each of R stacked parameter sets sharing `buffers`, `batch` images a pass."""
+    """Logits (R, N, classes) on x of each of R stacked parameter sets sharing `buffers`, `batch` images a pass;
+    in eval mode (BatchNorm with the running statistics in `buffers`), whatever mode matching used."""
     r = len(next(iter(params.values())))
 
     def logits(i: int) -> torch.Tensor:
         weights = ({k: v[i] for k, v in params.items()}, buffers)
         return torch.cat([functional_call(model, weights, (chunk,)) for chunk in x.split(batch)])
 
-    with math_attention():
+    with math_attention(), evaluating(model):
         return torch.stack([logits(i) for i in range(r)])

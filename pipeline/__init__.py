@@ -9,5 +9,6 @@ for _key, _value in {
     "MLFLOW_DISABLE_TELEMETRY": "true",
     "DVC_NO_ANALYTICS": "1",
     "RAY_USAGE_STATS_ENABLED": "0",
+    "TQDM_DISABLE": "1",  # libraries' progress bars (dattri's); this project's own bars say when to show
 }.items():
     os.environ.setdefault(_key, _value)

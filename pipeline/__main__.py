@@ -1,4 +1,5 @@
-"""Command line: `python -m pipeline run <stage> | flow | serve --cron ... | deploy --pool ...` (also `ddm`)."""
+"""Command line (also the `ddm` console script): `python -m pipeline run <stage> | flow | serve --cron ... |
+deploy --pool ... | explain --test-index N | ui`."""
 
 from __future__ import annotations
 
@@ -26,6 +27,14 @@ def main(argv: list[str] | None = None) -> int:
     deploy.add_argument("--pool", required=True, help="work pool name (prefect work-pool create ...)")
     deploy.add_argument("--cron", default=None, help="optional cron schedule")
     deploy.add_argument("--name", default="ddm", help="deployment name")
+    explain = sub.add_parser("explain", help="one test sample's prediction and its most helpful / harmful clusters")
+    explain.add_argument("--test-index", type=int, required=True, help="position in the dataset's fixed test split")
+    explain.add_argument("--top", type=int, default=5, help="clusters listed each way")
+    explain.add_argument("--out", type=Path, default=None, help="PNG to write (default outputs/explain/test-N.png)")
+    ui = sub.add_parser("ui", help="start the MLflow UI and the Prefect server on loopback; Ctrl-C stops both")
+    ui.add_argument("--host", default="127.0.0.1", help="address to bind (loopback unless you ask otherwise)")
+    ui.add_argument("--mlflow-port", type=int, default=5000)
+    ui.add_argument("--prefect-port", type=int, default=4200)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
     logging.getLogger("httpx").setLevel(logging.WARNING)
@@ -38,6 +47,14 @@ def main(argv: list[str] | None = None) -> int:
             from pipeline.flow import ddm_pipeline
 
             ddm_pipeline(str(args.root))
+        elif args.command == "explain":
+            from pipeline.explain import explain as explain_sample
+
+            explain_sample(args.root, args.test_index, args.top, args.out)
+        elif args.command == "ui":
+            from pipeline.ui import serve_uis
+
+            return serve_uis(args.root, args.host, args.mlflow_port, args.prefect_port)
         elif args.command == "deploy":
             from pipeline.flow import deploy_to_pool
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import multiprocessing
 import os
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from typing import Any
@@ -166,6 +167,32 @@ def chunked(items: list[Any], execution: ExecutionParams) -> list[list[Any]]:
     return [items[i : i + size] for i in range(0, len(items), size)]
 
 
+class Progress:
+    """Items done in a fan-out: a bar in the terminal (none when stderr is not a terminal) and a Prefect progress
+    artifact on the flow run, which the Prefect UI shows."""
+
+    def __init__(self, name: str, total: int, unit: str):
+        from prefect.artifacts import create_progress_artifact
+        from tqdm import tqdm
+
+        self.name, self.total, self.unit, self.done = name, total, unit, 0
+        self.bar = tqdm(total=total, desc=name, unit=unit, disable=not sys.stderr.isatty())
+        self.artifact = create_progress_artifact(0.0, key=f"{name}-progress", description=self._text())
+
+    def _text(self) -> str:
+        return f"{self.name}: {self.done} of {self.total} {self.unit}s done"
+
+    def advance(self, n: int) -> None:
+        from prefect.artifacts import update_progress_artifact
+
+        self.done += n
+        self.bar.update(n)
+        update_progress_artifact(self.artifact, 100.0 * self.done / self.total, description=self._text())
+
+    def close(self) -> None:
+        self.bar.close()
+
+
 def _placement(execution: ExecutionParams, device: str):
     """Context in which tasks are submitted: ask Dask/Ray for one GPU per task when running on CUDA."""
     if not _gpu_tasks(device):
@@ -214,15 +241,24 @@ def fan_out(
 
     @flow(name=f"{name}-fan-out", task_runner=task_runner(execution, device), validate_parameters=False)
     def fan_out_flow() -> list[Any]:
+        from prefect.futures import as_completed
+
         with _placement(execution, device):
             futures = [unit.submit(fn, chunk, key, threads, label(chunk)) for chunk in chunks]
-        results = []
-        for future in futures:
-            try:
-                results.extend(future.result())
-            except TaskFailed as err:
-                raise RuntimeError(f"{name}: {err}") from err
-        return results
+        position = {id(f): i for i, f in enumerate(futures)}
+        results: dict[int, list[Any]] = {}
+        progress = Progress(name, len(items), key.removesuffix("_id"))
+        try:
+            for future in as_completed(futures):
+                i = position[id(future)]
+                try:
+                    results[i] = future.result()
+                except TaskFailed as err:
+                    raise RuntimeError(f"{name}: {err}") from err
+                progress.advance(len(chunks[i]))
+        finally:
+            progress.close()
+        return [r for i in range(len(chunks)) for r in results[i]]
 
     if execution.runner in ("serial", "thread"):
         tune_process(threads)

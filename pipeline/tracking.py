@@ -51,8 +51,14 @@ def log_pipeline_run(
     stage_metrics: dict[str, dict[str, float]],
     summary: dict[str, float],
     artifacts: list[Path],
+    tables: dict[str, Any] | None = None,
+    datasets: dict[str, tuple[Any, Path]] | None = None,
 ) -> str:
-    """Log one pipeline run (parent) with a nested run per stage; return the parent run id."""
+    """Log one pipeline run (parent) with a nested run per stage; return the parent run id.
+
+    `tables` ({artifact name: DataFrame}) are logged as MLflow tables, which the UI shows and compares across runs;
+    `datasets` ({name: (DataFrame, file it was read from)}) as the run's MLflow datasets (schema, digest, source).
+    """
     import mlflow
 
     mlflow.set_tracking_uri(tracking_uri(params, root))
@@ -73,6 +79,11 @@ def log_pipeline_run(
                 mlflow.log_artifacts(str(path), path.name)
             else:
                 mlflow.log_artifact(str(path))
+        for name, table in (tables or {}).items():
+            if len(table):
+                mlflow.log_table(table, artifact_file=name)
+        for name, (frame, source) in (datasets or {}).items():
+            mlflow.log_input(mlflow.data.from_pandas(frame, source=str(source.resolve()), name=name), context=name)
         for stage, metrics in stage_metrics.items():
             with mlflow.start_run(run_name=stage, nested=True, tags={**tags, "stage": stage}):
                 mlflow.log_params(flatten({b: dumped[b] for b in blocks.get(stage, []) if b in dumped}))

@@ -9,5 +9,6 @@ STAGES = (
     "perturb",
     "attribute",
     "baselines",
+    "data_quality",
     "report",
 )

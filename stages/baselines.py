@@ -1,23 +1,31 @@
-"""Stage baselines: reference methods next to DDM on the same clusters (class indicator, input similarity,
-first-order trajectory estimate, gradient ascent on the real cluster). Disabled, it writes empty tables."""
+"""Stage baselines: the methods DDM is compared with, on the same clusters, judged by the same ground truth.
+
+Always the trivial class indicator and input similarity; then those in `baselines.methods`: the first-order
+trajectory estimate, gradient ascent on the real cluster from θ_T, forward gradient matching (DDM's predecessor:
+synsets that imitate the cluster, removed by ascent), and from the `peers` extra dattri's TracIn, influence function
+and TRAK (one model, and an ensemble of checkpoints) and Kronfluence's EK-FAC (per-sample scores summed over each
+cluster). Every method's offline and online seconds and peak memory go to costs.parquet. Disabled, the stage writes
+empty tables.
+"""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 
+from ddm_ops import peers
 from ddm_ops.attribution import scores
 from ddm_ops.baselines import class_indicator, first_order_scores, gradient_ascent_outputs, input_similarity
 from ddm_ops.calibration import calibrate_step
 from ddm_ops.config import Params
 from ddm_ops.devices import resolve_device
 from ddm_ops.functional import split_state
-from ddm_ops.models import functional_mode
-from ddm_ops.trajectory import Trajectory
+from ddm_ops.trajectory import Trajectory, cluster_gradients
 from ddm_ops.unlearn import outputs_of
 from stages.common import (
     Paths,
@@ -27,12 +35,15 @@ from stages.common import (
     load_ground_truth,
     load_tensors,
     new_model,
+    peak_memory,
     read_parquet,
     write_parquet,
 )
+from stages.distill import distill_all
+from stages.perturb import remove_all
 
 SCORE_COLUMNS = {
-    "method": "class_indicator, input_similarity, first_order or gradient_ascent",
+    "method": "reference method (see costs.parquet)",
     "cluster_id": "removed cluster",
     "test_index": "position in the dataset's fixed test split",
     "objective": "margin, loss or probability (as in attribution.parquet)",
@@ -46,9 +57,15 @@ OUTPUT_COLUMNS = {
     "class": "output class",
     "logit": "logit of the removed model",
 }
-
-
 OUTPUT_DTYPES = {"method": "str", "cluster_id": "int64", "test_index": "int64", "class": "int64", "logit": "float32"}
+COST_COLUMNS = {
+    "method": "method",
+    "offline_seconds": "work that needs no test sample (gradients, factors, synsets, step calibration)",
+    "online_seconds": "work that answers the queries: the (K, M) matrix for the M test samples",
+    "online_seconds_per_query": "online seconds per test sample",
+    "peak_memory_mb": "peak extra resident memory of the method (MiB)",
+}
+SCORED_OBJECTIVES = ("margin", "loss")  # what the quality metrics read; the gradient methods compute only these
 
 
 def _long(method: str, matrix: np.ndarray, cluster_ids: np.ndarray, test_index: np.ndarray, objective: str):
@@ -63,74 +80,174 @@ def _long(method: str, matrix: np.ndarray, cluster_ids: np.ndarray, test_index: 
     )
 
 
-def run(params: Params, paths: Paths, out: Path) -> dict:
-    frames, outputs, metrics = [], [], {"enabled": int(params.baselines.enabled)}
-    if params.baselines.enabled:
-        ds = dataset(params)
-        device = resolve_device(params.base.device)
-        clusters = read_parquet(paths.stage("cluster") / "clusters.parquet")
-        cluster_ids, labels = clusters["cluster_id"].to_numpy(), clusters["label"].to_numpy()
-        ids = read_parquet(paths.stage("cluster") / "assignments.parquet")["cluster_id"].to_numpy()
-        x, y = ds.x_train.to(device), ds.y_train.to(device)
-        members = [(x[ids == k], y[ids == k]) for k in cluster_ids]
-        x_test, y_test, test_labels = ds.x_test.to(device), ds.y_test.to(device), ds.y_test.numpy()
-        model = functional_mode(new_model(params, ds).to(device), params.distill.batchnorm)
-        objectives = params.attribute.objectives
-
-        start = time.perf_counter()
-        trivial = {
-            "class_indicator": class_indicator(labels, test_labels),
-            "input_similarity": input_similarity(ds.x_train, ids, labels, ds.x_test, test_labels),
+def _outputs(method: str, logits: np.ndarray, cluster_ids: np.ndarray, test_index: np.ndarray) -> pd.DataFrame:
+    k, m, c = logits.shape
+    return pd.DataFrame(
+        {
+            "method": method,
+            "cluster_id": np.repeat(cluster_ids, m * c),
+            "test_index": np.tile(np.repeat(test_index, c), k),
+            "class": np.tile(np.arange(c), k * m),
+            "logit": logits.reshape(-1),
         }
-        metrics["trivial_seconds"] = time.perf_counter() - start
-        for method, matrix in trivial.items():
-            frames += [_long(method, matrix, cluster_ids, ds.test_index, o) for o in objectives]
+    )
 
-        trajectory = Trajectory.from_checkpoints(
-            model, load_checkpoints(paths.stage("train_target") / "checkpoints"), params.train.batch_size
-        ).to(device)
-        start = time.perf_counter()
-        for o in objectives:
-            frames.append(
-                _long(
-                    "first_order",
-                    first_order_scores(model, trajectory, members, x_test, y_test, o),
-                    cluster_ids,
-                    ds.test_index,
-                    o,
-                )
-            )
-        metrics["first_order_seconds"] = time.perf_counter() - start
 
-        state = {k: v.to(device) for k, v in load_tensors(paths.stage("train_target") / "model.pt").items()}
-        theta, buffers = split_state(model, state)
-        steps = params.baselines.gradient_ascent_steps
-        gt = load_ground_truth(paths, params)
-        truth = torch.from_numpy(gt.cluster[gt.aligned_seed][gt.calibration]).to(device)
-        calib = [members[k] for k in gt.calibration]
-        step, _ = calibrate_step(
-            lambda s: gradient_ascent_outputs(model, theta, buffers, calib, steps, s, x_test, ds.num_classes), truth
+class Methods:
+    """What the methods share: the data, θ_T, the trajectory, the clusters; and the tables they fill."""
+
+    def __init__(self, params: Params, paths: Paths, out: Path):
+        self.params, self.paths, self.out = params, paths, out
+        self.ds = ds = dataset(params)
+        self.device = resolve_device(params.base.device)
+        clusters = read_parquet(paths.stage("cluster") / "clusters.parquet")
+        self.cluster_ids, self.labels = clusters["cluster_id"].to_numpy(), clusters["label"].to_numpy()
+        self.ids = read_parquet(paths.stage("cluster") / "assignments.parquet")["cluster_id"].to_numpy()
+        x, y = ds.x_train.to(self.device), ds.y_train.to(self.device)
+        self.train = (x, y)
+        self.members = [(x[self.ids == k], y[self.ids == k]) for k in self.cluster_ids]
+        self.test = (ds.x_test.to(self.device), ds.y_test.to(self.device))
+        self.model = new_model(params, ds).to(self.device).eval()  # reference methods: BatchNorm running stats
+        self.checkpoints = load_checkpoints(paths.stage("train_target") / "checkpoints")
+        self.trajectory = Trajectory.from_checkpoints(self.model, self.checkpoints, params.train.batch_size).to(
+            self.device
         )
-        start = time.perf_counter()
-        logits = gradient_ascent_outputs(model, theta, buffers, members, steps, step, x_test, ds.num_classes)
-        metrics.update(gradient_ascent_seconds=time.perf_counter() - start, gradient_ascent_step_size=step)
+        state = load_tensors(paths.stage("train_target") / "model.pt")
+        self.state = {k: v.to(self.device) for k, v in state.items()}
+        self.theta, self.buffers = split_state(self.model, self.state)
+        self.truth = load_ground_truth(paths, params)
+        self.objectives = [o for o in params.attribute.objectives if o in SCORED_OBJECTIVES]
+        self.frames: list[pd.DataFrame] = []
+        self.outputs: list[pd.DataFrame] = []
+        self.costs: list[dict] = []
+        self.step_sizes: dict[str, float] = {}
+
+    def add(self, method: str, matrices: dict[str, np.ndarray], offline: float, online: float, memory: float):
+        for objective, matrix in matrices.items():
+            self.frames.append(_long(method, matrix, self.cluster_ids, self.ds.test_index, objective))
+        self.costs.append(
+            {
+                "method": method,
+                "offline_seconds": offline,
+                "online_seconds": online,
+                "online_seconds_per_query": online / len(self.ds.test_index),
+                "peak_memory_mb": memory,
+            }
+        )
+
+    def removed_models(self, method: str, logits: torch.Tensor, base: torch.Tensor) -> dict[str, np.ndarray]:
+        """Score matrices of a method that makes removed models; their logits go to outputs.parquet."""
+        self.outputs.append(_outputs(method, logits.cpu().numpy(), self.cluster_ids, self.ds.test_index))
+        y = self.ds.y_test.to(logits.device)
+        return {o: scores(base, logits, y, o).cpu().numpy() for o in self.params.attribute.objectives}
+
+    def trivial(self) -> None:
+        """The class indicator and input similarity: the same matrix for every objective."""
+        ds, test_labels = self.ds, self.ds.y_test.numpy()
+        for method, fn in (
+            ("class_indicator", lambda: class_indicator(self.labels, test_labels)),
+            ("input_similarity", lambda: input_similarity(ds.x_train, self.ids, self.labels, ds.x_test, test_labels)),
+        ):
+            record: dict = {}
+            start = time.perf_counter()
+            with peak_memory(record, "memory"):
+                matrix = fn()
+            matrices = {o: matrix for o in self.params.attribute.objectives}
+            self.add(method, matrices, 0.0, time.perf_counter() - start, record["memory"])
+
+    def first_order(self) -> None:
+        record: dict = {}
+        with peak_memory(record, "memory"):
+            start = time.perf_counter()
+            grads = [cluster_gradients(self.model, self.trajectory, x, y) for x, y in self.members]
+            offline = time.perf_counter() - start
+            start = time.perf_counter()
+            matrices = {
+                o: first_order_scores(self.model, self.trajectory, grads, *self.test, o) for o in self.objectives
+            }
+            online = (time.perf_counter() - start) / len(self.objectives)
+        self.add("first_order", matrices, offline, online, record["memory"])
+
+    def gradient_ascent(self) -> None:
+        truth = torch.from_numpy(self.truth.cluster[self.truth.aligned_seed][self.truth.calibration]).to(self.device)
+        steps, n = self.params.baselines.gradient_ascent_steps, self.ds.num_classes
+        model, theta, buffers, x_test = self.model, self.theta, self.buffers, self.test[0]
+        calibration = [self.members[k] for k in self.truth.calibration]
+        record: dict = {}
+        with peak_memory(record, "memory"):
+            start = time.perf_counter()
+            step, _ = calibrate_step(
+                lambda s: gradient_ascent_outputs(model, theta, buffers, calibration, steps, s, x_test, n), truth
+            )
+            offline = time.perf_counter() - start
+            start = time.perf_counter()
+            logits = gradient_ascent_outputs(model, theta, buffers, self.members, steps, step, x_test, n)
+            online = time.perf_counter() - start
         base = outputs_of(model, {k: v[None] for k, v in theta.items()}, buffers, x_test)[0]
-        for o in objectives:
-            frames.append(
-                _long("gradient_ascent", scores(base, logits, y_test, o).cpu().numpy(), cluster_ids, ds.test_index, o)
-            )
-        k, m, c = logits.shape
-        outputs.append(
-            pd.DataFrame(
-                {
-                    "method": "gradient_ascent",
-                    "cluster_id": np.repeat(cluster_ids, m * c),
-                    "test_index": np.tile(np.repeat(ds.test_index, c), k),
-                    "class": np.tile(np.arange(c), k * m),
-                    "logit": logits.cpu().numpy().reshape(-1),
-                }
-            )
-        )
+        matrices = self.removed_models("gradient_ascent", logits, base)
+        self.add("gradient_ascent", matrices, offline, online, record["memory"])
+        self.step_sizes["gradient_ascent"] = step
+
+    def forward_matching(self) -> None:
+        """DDM's predecessor: synsets by classic (forward) gradient matching, removed by ascent, step calibrated."""
+        p = self.params
+        forward = p.model_copy(update={"distill": p.distill.model_copy(update={"direction": "forward"})})
+        synset, _, distilled = distill_all(forward, self.paths, self.out / "forward_clusters")
+        torch.save(synset, self.out / "forward_synset.pt")  # also read by the privacy report
+        removal = remove_all(forward, self.paths, synset, "auto")
+        logits = removal["logits"]
+        matrices = self.removed_models("forward_matching", logits[1:], logits[0])
+        memory = max(distilled["distill_peak_memory_mb"], removal["online_peak_memory_mb"])
+        self.add("forward_matching", matrices, distilled["distill_seconds"], removal["online_seconds"], memory)
+        self.step_sizes["forward_matching"] = removal["step_size"]
+
+    def peer(self, method: str) -> None:
+        """A library's per-sample scores (N, M), summed over each cluster."""
+        train, test, model = self.train, self.test, self.model
+        final = self.checkpoints[-1].state
+        if method == "tracin":
+            states = [c.state for c in self.checkpoints[:-1]]  # θ_t, weighted by the SGD it received
+            weights = [c.lr * c.epochs / self.params.train.batch_size for c in self.checkpoints[:-1]]
+            run: Callable = lambda o, ph: peers.tracin(model, states, weights, train, test, o, ph)  # noqa: E731
+        elif method == "influence":
+            damping = self.params.baselines.influence_damping
+            run = lambda o, ph: peers.influence(model, final, train, test, o, ph, damping)  # noqa: E731
+        elif method == "trak":
+            run = lambda o, ph: peers.trak(model, [final], train, test, o, ph)  # noqa: E731
+        elif method == "trak_ensemble":
+            states = [c.state for c in self.checkpoints[-self.params.baselines.trak_models :]]
+            run = lambda o, ph: peers.trak(model, states, train, test, o, ph)  # noqa: E731
+        else:
+            run = lambda o, ph: peers.ekfac(model, final, train, test, o, ph)  # noqa: E731
+        record: dict = {}
+        matrices, phases = {}, []
+        with peak_memory(record, "memory"):
+            for o in self.objectives:
+                phases.append(peers.Phases())
+                per_sample = run(o, phases[-1])
+                matrices[o] = peers.per_cluster(per_sample, self.ids, len(self.cluster_ids))
+        seconds = {k: float(np.mean([ph.seconds[k] for ph in phases])) for k in ("offline", "online")}
+        self.add(method, matrices, seconds["offline"], seconds["online"], record["memory"])
+
+
+def run(params: Params, paths: Paths, out: Path) -> dict:
+    metrics: dict = {"enabled": int(params.baselines.enabled)}
+    frames, outputs, costs = [], [], []
+    if params.baselines.enabled:
+        peers.check_installed(list(params.baselines.methods))
+        methods = Methods(params, paths, out)
+        methods.trivial()
+        for name in params.baselines.methods:
+            start = time.perf_counter()
+            if name in peers.PEERS:
+                methods.peer(name)
+            else:
+                getattr(methods, name)()
+            metrics[f"{name}_seconds"] = time.perf_counter() - start
+        metrics.update({f"{name}_step_size": step for name, step in methods.step_sizes.items()})
+        frames, outputs, costs = methods.frames, methods.outputs, methods.costs
+    if not (out / "forward_synset.pt").is_file():
+        torch.save({}, out / "forward_synset.pt")  # declared in dvc.yaml: present, empty, without forward_matching
     write_parquet(
         concat_or_empty(frames, SCORE_DTYPES),
         out / "baselines.parquet",
@@ -142,5 +259,11 @@ def run(params: Params, paths: Paths, out: Path) -> dict:
         out / "outputs.parquet",
         "Test logits of the reference methods that produce a removed model.",
         OUTPUT_COLUMNS,
+    )
+    write_parquet(
+        pd.DataFrame(costs, columns=list(COST_COLUMNS)),
+        out / "costs.parquet",
+        "Cost of every reference method on this run.",
+        COST_COLUMNS,
     )
     return metrics

@@ -19,14 +19,23 @@ def run(params: Params, paths: Paths, out: Path) -> dict:
     labels = ds.y_train.numpy()
     ids, dist = cluster_within_classes(features, labels, params.cluster.k_per_class, params.base.seed)
     write_parquet(
-        pd.DataFrame({"train_index": ds.train_index, "label": labels, "cluster_id": ids, "centroid_distance": dist}),
+        pd.DataFrame(
+            {
+                "train_index": ds.train_index,
+                "label": labels,
+                "cluster_id": ids,
+                "centroid_distance": dist,
+                "is_noisy": ds.noisy,
+            }
+        ),
         out / "assignments.parquet",
-        "Cluster of every training sample (k-means within its class).",
+        "Cluster of every training sample (k-means within its class, on the labels as the model saw them).",
         {
             "train_index": "position in the dataset's fixed training split",
-            "label": "class label",
+            "label": "class label as the model saw it",
             "cluster_id": "cluster; class c holds ids c*k .. c*k+k-1",
             "centroid_distance": "distance to the cluster's centroid in feature space",
+            "is_noisy": "true where data.label_noise flipped the label (false without label noise)",
         },
     )
     k = int(ids.max()) + 1
@@ -39,6 +48,7 @@ def run(params: Params, paths: Paths, out: Path) -> dict:
         {"cluster_id": "cluster", "label": "class of all its members", "size": "number of training samples"},
     )
     return {
+        "noisy_fraction": float(ds.noisy.mean()),
         "n_clusters": k,
         "min_size": int(sizes.min()),
         "max_size": int(sizes.max()),

@@ -54,6 +54,54 @@ def staged_output(final: Path) -> Iterator[Path]:
     tmp.rename(final)
 
 
+@contextmanager
+def peak_memory(record: dict[str, float], key: str, interval: float = 0.1) -> Iterator[None]:
+    """record[key] = peak extra resident memory (MiB) of this process and its child processes during the block.
+
+    Sampled every `interval` seconds (torch's CPU allocator is invisible to Python's tracemalloc), the list of child
+    processes refreshed every second; on CUDA, also the peak of torch's GPU allocations under `<key>_gpu`.
+    """
+    import threading
+
+    import psutil
+
+    me = psutil.Process()
+    family = [me]
+
+    def resident() -> int:
+        total = 0
+        for p in family:
+            try:
+                total += p.memory_info().rss
+            except psutil.Error:  # ended meanwhile
+                pass
+        return total
+
+    base = resident()
+    peak, done = [base], threading.Event()
+
+    def sample() -> None:
+        ticks = 0
+        while not done.wait(interval):
+            if ticks % round(1 / interval) == 0:
+                family[:] = [me, *me.children(recursive=True)]
+            ticks += 1
+            peak[0] = max(peak[0], resident())
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    try:
+        yield
+    finally:
+        done.set()
+        sampler.join()
+        record[key] = (max(peak[0], resident()) - base) / 2**20
+        if torch.cuda.is_available():
+            record[f"{key}_gpu"] = torch.cuda.max_memory_allocated() / 2**20
+
+
 def write_parquet(df: pd.DataFrame, path: Path, description: str, columns: dict[str, str]) -> None:
     """Write `df` with the meaning of the table and of each column in the Parquet schema metadata."""
     missing = set(columns) ^ set(df.columns)
@@ -160,6 +208,21 @@ def pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def show_pixels(ax, pixels: torch.Tensor, title: str = "") -> None:
+    """An image (C, H, W) in [0, 1] without axes: grey (dark ink on white) for one channel, else in colour."""
+    image = pixels[0].numpy() if pixels.shape[0] == 1 else pixels.permute(1, 2, 0).numpy()
+    ax.imshow(image, cmap="gray_r", vmin=0.0, vmax=1.0)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    if title:
+        ax.set_title(title, fontsize=7)
+
+
+def show_image(ax, ds: Dataset, x: torch.Tensor, title: str = "") -> None:
+    """A normalised image (C, H, W) of the dataset, de-normalised, without axes."""
+    show_pixels(ax, ds.denormalise(x), title)
 
 
 def save_figure(fig, path: Path) -> Path:

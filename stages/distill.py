@@ -17,7 +17,16 @@ from ddm_ops.distill import distill_cluster
 from ddm_ops.models import functional_mode
 from ddm_ops.trajectory import Trajectory
 from pipeline.runners import fan_out, task_device
-from stages.common import Paths, dataset, load_checkpoints, load_tensors, new_model, read_parquet, write_parquet
+from stages.common import (
+    Paths,
+    dataset,
+    load_checkpoints,
+    load_tensors,
+    new_model,
+    peak_memory,
+    read_parquet,
+    write_parquet,
+)
 
 
 @lru_cache(maxsize=2)
@@ -74,48 +83,66 @@ def distill_one(root: str, params: dict, cluster_id: int, work: str) -> dict:
     }
 
 
-def run(params: Params, paths: Paths, out: Path) -> dict:
+def distill_all(params: Params, paths: Paths, work: Path) -> tuple[dict, pd.DataFrame, dict]:
+    """Every cluster's synset, one Prefect task and one folder under `work` per cluster (removed afterwards).
+
+    Returns the stacked synset (images, labels, cluster_ids, init_index, direction), the matching loss table and
+    the metrics (wall seconds, peak extra memory, mean seconds and matching loss per cluster).
+    """
     clusters = read_parquet(paths.stage("cluster") / "clusters.parquet")
-    work = out / "clusters"
     items = [
         {"root": str(paths.root), "params": params.model_dump(), "cluster_id": int(c), "work": str(work)}
         for c in clusters["cluster_id"]
     ]
+    metrics: dict = {}
     start = time.perf_counter()
-    summaries = fan_out(distill_one, items, "cluster_id", params.execution, "distill", params.base.device)
-    seconds = time.perf_counter() - start
+    with peak_memory(metrics, "distill_peak_memory_mb"):
+        summaries = fan_out(distill_one, items, "cluster_id", params.execution, "distill", params.base.device)
+    metrics["distill_seconds"] = time.perf_counter() - start
     parts = [load_tensors(work / f"{s['cluster_id']:05d}" / "synset.pt") for s in summaries]
     matching = [load_tensors(work / f"{s['cluster_id']:05d}" / "matching.pt") for s in summaries]
-    torch.save(
-        {
-            "images": torch.stack([p["images"] for p in parts]),
-            "labels": torch.stack([p["labels"] for p in parts]),
-            "cluster_ids": torch.tensor([s["cluster_id"] for s in summaries]),
-            "init_index": torch.stack([m["init_index"] for m in matching]),
-            "direction": params.distill.direction,
-        },
-        out / "synset.pt",
-    )
-    rows = [
-        pd.DataFrame(
-            {"cluster_id": s["cluster_id"], "iteration": np.arange(len(m["losses"])), "loss": m["losses"].numpy()}
-        )
-        for s, m in zip(summaries, matching)
-    ]
-    write_parquet(
-        pd.concat(rows, ignore_index=True),
-        out / "matching.parquet",
-        "Reverse gradient matching loss of every cluster's synset per iteration.",
-        {
-            "cluster_id": "cluster",
-            "iteration": "optimisation step of the synset",
-            "loss": "mean over matched checkpoint pairs of the layer-wise gradient distance",
-        },
+    synset = {
+        "images": torch.stack([p["images"] for p in parts]),
+        "labels": torch.stack([p["labels"] for p in parts]),
+        "cluster_ids": torch.tensor([s["cluster_id"] for s in summaries]),
+        "init_index": torch.stack([m["init_index"] for m in matching]),
+        "direction": params.distill.direction,
+    }
+    losses = pd.concat(
+        [
+            pd.DataFrame(
+                {"cluster_id": s["cluster_id"], "iteration": np.arange(len(m["losses"])), "loss": m["losses"].numpy()}
+            )
+            for s, m in zip(summaries, matching)
+        ],
+        ignore_index=True,
     )
     shutil.rmtree(work)
-    return {
-        "distill_seconds": seconds,
-        "cluster_seconds_mean": float(np.mean([s["seconds"] for s in summaries])),
-        "matching_loss_first": float(np.mean([s["loss_first"] for s in summaries])),
-        "matching_loss_last": float(np.mean([s["loss_last"] for s in summaries])),
-    }
+    metrics.update(
+        cluster_seconds_mean=float(np.mean([s["seconds"] for s in summaries])),
+        matching_loss_first=float(np.mean([s["loss_first"] for s in summaries])),
+        matching_loss_last=float(np.mean([s["loss_last"] for s in summaries])),
+    )
+    return synset, losses, metrics
+
+
+MATCHING_COLUMNS = {
+    "cluster_id": "cluster",
+    "iteration": "optimisation step of the synset",
+    "loss": "mean over matched checkpoint pairs of the layer-wise gradient distance",
+}
+
+
+def run(params: Params, paths: Paths, out: Path) -> dict:
+    synset, losses, metrics = distill_all(params, paths, out / "clusters")
+    torch.save(synset, out / "synset.pt")
+    write_parquet(
+        losses,
+        out / "matching.parquet",
+        "Reverse gradient matching loss of every cluster's synset per iteration.",
+        MATCHING_COLUMNS,
+    )
+    curve = losses.groupby("iteration")["loss"].quantile([0.1, 0.5, 0.9]).unstack()
+    curve.columns = ["loss_q10", "loss_median", "loss_q90"]
+    curve.reset_index().to_csv(out / "matching_curve.csv", index=False)  # for `dvc plots`
+    return metrics

@@ -73,12 +73,14 @@ def _key(params: Params, seed: int, keep: np.ndarray) -> str:
     return h.hexdigest()[:24]
 
 
-def retrain_one(root: str, params: dict, job: str, removed: list[int], seed: int) -> dict:
-    """Train without the `removed` clusters with `seed` (cached); return the job with its logits file."""
+def retrain_one(root: str, params: dict, job: str, removed: list[int], seed: int, dropped: list[int] = ()) -> dict:
+    """Train without the `removed` clusters and the `dropped` training positions with `seed` (cached); return the
+    job with its logits file."""
     p = Params.model_validate(params)
     ds = dataset(p)
     ids = read_parquet(Paths(Path(root)).stage("cluster") / "assignments.parquet")["cluster_id"].to_numpy()
     keep = ~np.isin(ids, removed)
+    keep[list(dropped)] = False
     cache = Path(os.environ["DDM_CACHE_DIR"]) / "retrain" if os.environ.get("DDM_CACHE_DIR") else Path(root) / CACHE
     path = cache / f"{_key(p, seed, keep)}.pt"
     cached = path.is_file()

@@ -20,19 +20,24 @@ from ddm_ops.distill import removal_sign
 from ddm_ops.functional import split_state
 from ddm_ops.models import functional_mode
 from ddm_ops.unlearn import outputs_of, unlearn
-from stages.common import Paths, dataset, load_ground_truth, load_tensors, new_model, write_parquet
+from stages.common import Paths, dataset, load_ground_truth, load_tensors, new_model, peak_memory, write_parquet
 
 BASE = -1  # cluster_id of the unperturbed target θ_T in outputs.parquet
 WEIGHTS_PER_PASS = 50_000_000  # removals are batched so that their stacked weights stay below this many numbers
 
 
-def run(params: Params, paths: Paths, out: Path) -> dict:
+def remove_all(params: Params, paths: Paths, synset: dict, step: float | str) -> dict:
+    """Remove every cluster from θ_T by its synset; θ_T's and every θ_{-κ}'s test logits.
+
+    With `step` "auto" the step size is first fitted on the ground truth's calibration clusters. Returns logits
+    (1 + K, M, C) on the CPU (θ_T first), the step, the calibration curve (or None), and the seconds and peak
+    memory of the online work (the removals and the removed models' test outputs).
+    """
     ds = dataset(params)
     device = resolve_device(params.base.device)
     model = functional_mode(new_model(params, ds).to(device), params.distill.batchnorm)
     state = load_tensors(paths.stage("train_target") / "model.pt")
     theta, buffers = split_state(model, {k: v.to(device) for k, v in state.items()})
-    synset = load_tensors(paths.stage("distill") / "synset.pt")
     x_test = ds.x_test.to(device)
     images, labels = synset["images"].to(device), synset["labels"].to(device)
     sign, n_u = removal_sign(synset["direction"]), params.perturb.n_u
@@ -50,27 +55,38 @@ def run(params: Params, paths: Paths, out: Path) -> dict:
             logits.append(outputs_of(model, removed, buffers, x_test))
         return torch.cat(logits), seconds
 
-    metrics = {}
-    step = params.perturb.step_size
+    curve = None
     if step == "auto":
         gt = load_ground_truth(paths, params)
         truth = torch.from_numpy(gt.cluster[gt.aligned_seed][gt.calibration]).to(device)
         step, curve = calibrate_step(lambda s: remove(gt.calibration, s)[0], truth)
+    remove(np.arange(1), step)  # one-off warm-up, not part of the timed online work
+    result: dict = {"step_size": step, "calibration": curve}
+    with peak_memory(result, "online_peak_memory_mb"):
+        synchronize(device)
+        start = time.perf_counter()
+        removed_logits, result["removal_seconds"] = remove(np.arange(len(images)), step)
+        base = outputs_of(model, {k: v[None] for k, v in theta.items()}, buffers, x_test)
+        synchronize(device)
+        result["online_seconds"] = time.perf_counter() - start
+    result["logits"] = torch.cat([base, removed_logits]).cpu()
+    return result
+
+
+def run(params: Params, paths: Paths, out: Path) -> dict:
+    ds = dataset(params)
+    synset = load_tensors(paths.stage("distill") / "synset.pt")
+    removal = remove_all(params, paths, synset, params.perturb.step_size)
+    metrics = {k: removal[k] for k in ("step_size", "removal_seconds", "online_seconds", "online_peak_memory_mb")}
+    if removal["calibration"] is not None:
         write_parquet(
-            pd.DataFrame(curve),
+            pd.DataFrame(removal["calibration"]),
             out / "calibration.parquet",
             "Mean Dist1 to the retrained calibration clusters for each candidate removal step size.",
             {"step_size": "removal step size", "dist1": "mean Dist1 of the removed to the retrained models"},
         )
-        metrics["calibrated_step_size"] = step
-    remove(np.arange(1), step)  # one-off warm-up, not part of the timed online work
-    synchronize(device)
-    start = time.perf_counter()
-    removed_logits, removal_seconds = remove(np.arange(len(images)), step)
-    logits = torch.cat([outputs_of(model, {k: v[None] for k, v in theta.items()}, buffers, x_test), removed_logits])
-    synchronize(device)
-    online_seconds = time.perf_counter() - start
-    logits = logits.cpu().numpy()  # (1 + K, M, C)
+        metrics["calibrated_step_size"] = removal["step_size"]
+    logits = removal["logits"].numpy()  # (1 + K, M, C)
     ids = np.concatenate([[BASE], synset["cluster_ids"].numpy()])
     k, m, c = logits.shape
     write_parquet(
@@ -92,11 +108,4 @@ def run(params: Params, paths: Paths, out: Path) -> dict:
         },
     )
     n = len(ids) - 1
-    return {
-        **metrics,
-        "step_size": step,
-        "removal_seconds": removal_seconds,
-        "online_seconds": online_seconds,
-        "seconds_per_removal": online_seconds / n,
-        "n_removals": n,
-    }
+    return {**metrics, "seconds_per_removal": metrics["online_seconds"] / n, "n_removals": n}

@@ -11,6 +11,7 @@ from ddm_ops.config import Params
 from ddm_ops.data import Dataset
 from ddm_ops.evaluation import Method, Truth, evaluate
 from stages.attribute import logits_table
+from stages.baselines import COST_COLUMNS
 from stages.common import Paths, load_ground_truth, pyplot, read_parquet, save_figure
 from stages.perturb import BASE
 
@@ -56,6 +57,39 @@ def quality(paths: Paths, params: Params, ds: Dataset) -> tuple[dict, Truth, dic
 def quality_table(results: dict) -> pd.DataFrame:
     """One row per method, one column per metric (the reference row holds the ceiling and fidelity baselines)."""
     return pd.DataFrame(results).T.rename_axis("method").reset_index()
+
+
+HEADLINE = {
+    "lds_margin_aligned": "group-LDS",
+    "logo_margin_aligned": "LOGO Spearman",
+    "fidelity_dist1": "fidelity Dist1",
+}
+METHOD_COLUMNS = {
+    "method": "method",
+    **{label: f"{key} in metrics.json (against the aligned ground truth)" for key, label in HEADLINE.items()},
+    **{k: v for k, v in COST_COLUMNS.items() if k != "method"},
+}
+
+
+def methods_table(results: dict, paths: Paths, stage_metrics: dict, ddm: str) -> pd.DataFrame:
+    """One row per method: headline quality against the aligned ground truth, offline and online seconds, peak
+    memory. DDM's costs are its distill stage (offline) and its perturb + attribute stages (online)."""
+    costs = read_parquet(paths.stage("baselines") / "costs.parquet").set_index("method")
+    distill, perturb = stage_metrics["distill"], stage_metrics["perturb"]
+    online = perturb["online_seconds"] + stage_metrics["attribute"]["attribute_seconds"]
+    costs.loc[ddm] = {
+        "offline_seconds": distill["distill_seconds"],
+        "online_seconds": online,
+        "online_seconds_per_query": online / stage_metrics["attribute"]["n_test"],
+        "peak_memory_mb": max(
+            distill.get("distill_peak_memory_mb", np.nan), perturb.get("online_peak_memory_mb", np.nan)
+        ),
+    }
+    rows = []
+    for method in [ddm, *[m for m in results if m not in (ddm, "reference")]]:
+        row = {"method": method, **{label: results[method].get(key, np.nan) for key, label in HEADLINE.items()}}
+        rows.append({**row, **(costs.loc[method].to_dict() if method in costs.index else {})})
+    return pd.DataFrame(rows, columns=list(METHOD_COLUMNS))
 
 
 def figure_quality(

@@ -12,25 +12,21 @@ from ddm_ops.config import Params
 from ddm_ops.data import Dataset
 from pipeline.tracking import flatten, log_pipeline_run
 from stages import STAGES
-from stages.common import Paths, dataset, load_tensors, pyplot, read_parquet, save_figure
-from stages.quality import figure_quality, quality, quality_table
+from stages.audit import PRIVACY_COLUMNS, RANKING_COLUMNS, data_quality, privacy_report
+from stages.common import (
+    Paths,
+    dataset,
+    load_tensors,
+    pyplot,
+    read_parquet,
+    save_figure,
+    show_image,
+    write_parquet,
+)
+from stages.quality import METHOD_COLUMNS, figure_quality, methods_table, quality, quality_table
 
 REAL_PER_ROW = 6
 TOP = 3
-
-
-def _show(ax, image: np.ndarray, title: str = "") -> None:
-    ax.imshow(image, cmap="gray_r", vmin=0.0, vmax=1.0)
-    ax.set_xticks([])
-    ax.set_yticks([])
-    if title:
-        ax.set_title(title, fontsize=7)
-
-
-def _pixels(ds: Dataset, x) -> np.ndarray:
-    """An image (C, H, W) as imshow takes it: (H, W) for one channel, (H, W, 3) for colour."""
-    pixels = ds.denormalise(x)
-    return pixels[0].numpy() if pixels.shape[0] == 1 else pixels.permute(1, 2, 0).numpy()
 
 
 def figure_synsets(ds: Dataset, synset: dict, assign: pd.DataFrame, path: Path) -> None:
@@ -46,12 +42,12 @@ def figure_synsets(ds: Dataset, synset: dict, assign: pd.DataFrame, path: Path) 
     for row, cid in enumerate(chosen):
         k = int(np.flatnonzero(ids == cid)[0])
         for j in range(ipc):
-            _show(axes[row, j], _pixels(ds, synset["images"][k, j]), f"synset {cid}" if row == 0 or j == 0 else "")
+            show_image(axes[row, j], ds, synset["images"][k, j], f"synset {cid}" if row == 0 or j == 0 else "")
         members = assign[assign["cluster_id"] == cid].sort_values("centroid_distance").index[:REAL_PER_ROW]
         for j in range(REAL_PER_ROW):
             ax = axes[row, ipc + j]
             if j < len(members):
-                _show(ax, _pixels(ds, ds.x_train[members[j]]), "real" if row == 0 else "")
+                show_image(ax, ds, ds.x_train[members[j]], "real" if row == 0 else "")
             else:
                 ax.axis("off")
     fig.suptitle("Synset images (left) next to real members of the same cluster (right)", fontsize=9)
@@ -80,25 +76,32 @@ def figure_heatmap(
 
 
 def figure_examples(
-    ds: Dataset, matrix: np.ndarray, cluster_ids: np.ndarray, assign: pd.DataFrame, examples: np.ndarray, path: Path
+    ds: Dataset,
+    matrix: np.ndarray,
+    cluster_ids: np.ndarray,
+    assign: pd.DataFrame,
+    synset: dict,
+    examples: np.ndarray,
+    path: Path,
+    top: int = TOP,
 ) -> None:
-    """For each example test sample: the image, its most helpful and most harmful clusters (nearest member)."""
+    """For each example test sample: the image, then its `top` most helpful and `top` most harmful clusters, each as
+    its first synset image above its real member nearest the centroid, with the score."""
     plt = pyplot()
     representative = assign.groupby("cluster_id")["centroid_distance"].idxmin()  # training position per cluster
-    fig, axes = plt.subplots(
-        len(examples), 1 + 2 * TOP, figsize=(1.3 * (1 + 2 * TOP), 1.4 * len(examples)), squeeze=False
-    )
+    position = {int(c): i for i, c in enumerate(synset["cluster_ids"].tolist())}
+    cols = 1 + 2 * top
+    fig, axes = plt.subplots(2 * len(examples), cols, figsize=(1.15 * cols, 2.3 * len(examples)), squeeze=False)
     for row, j in enumerate(examples):
-        _show(axes[row, 0], _pixels(ds, ds.x_test[j]), f"test {ds.test_index[j]} (y={int(ds.y_test[j])})")
+        show_image(axes[2 * row, 0], ds, ds.x_test[j], f"test {ds.test_index[j]} (y={int(ds.y_test[j])})")
+        axes[2 * row + 1, 0].axis("off")
         order = np.argsort(-matrix[:, j], kind="stable")
-        picks = [(k, "helps") for k in order[:TOP]] + [(k, "hurts") for k in order[::-1][:TOP]]
+        picks = [(k, "helps") for k in order[:top]] + [(k, "hurts") for k in order[::-1][:top]]
         for col, (k, kind) in enumerate(picks, start=1):
             cid = int(cluster_ids[k])
-            _show(axes[row, col], _pixels(ds, ds.x_train[representative[cid]]), f"{kind} c{cid} {matrix[k, j]:+.3f}")
-    fig.suptitle(
-        "Most helpful (left) and most harmful (right) clusters, each shown by its member nearest the centroid",
-        fontsize=9,
-    )
+            show_image(axes[2 * row, col], ds, synset["images"][position[cid], 0], f"{kind} c{cid} {matrix[k, j]:+.3f}")
+            show_image(axes[2 * row + 1, col], ds, ds.x_train[representative[cid]], "real member")
+    fig.suptitle("Most helpful (left) and most harmful (right) clusters: synset image above a real member", fontsize=9)
     save_figure(fig, path)
 
 
@@ -139,11 +142,18 @@ def summarise(stage_metrics: dict[str, dict]) -> dict[str, float]:
     }
 
 
-def _quality_markdown(table: pd.DataFrame) -> list[str]:
+def _quality_markdown(table: pd.DataFrame, side_by_side: pd.DataFrame) -> list[str]:
     methods = table[table["method"] != "reference"].set_index("method").dropna(axis=1, how="all")
     reference = table[table["method"] == "reference"].set_index("method").dropna(axis=1)
     return [
         "## Quality against retraining",
+        "",
+        "Every method on the same clusters, against the aligned ground truth; offline: work that needs no test "
+        "sample; online: the attribution of the test samples; memory: peak extra resident memory.",
+        "",
+        side_by_side.set_index("method").to_markdown(floatfmt=".4g"),
+        "",
+        "All metrics:",
         "",
         "LOGO: per test sample, Spearman across the evaluation clusters of predicted vs true effect of removing one "
         "cluster (aligned: the exact counterfactual of this model; resampled: mean over fresh seeds). LDS: group-LDS "
@@ -165,15 +175,67 @@ def _quality_markdown(table: pd.DataFrame) -> list[str]:
     ]
 
 
+def _audit_markdown(summary: dict, ranking: pd.DataFrame, privacy: pd.DataFrame, curve: bool) -> list[str]:
+    lines = []
+    if len(ranking):
+        detected = {k.removeprefix("data_quality."): v for k, v in summary.items() if k.startswith("data_quality.")}
+        lines += [
+            "## Data quality",
+            "",
+            "Clusters ranked by their effect on the test loss (negative: removing the cluster lowers the loss, the "
+            "cluster hurts); the full ranking is in `data_quality.parquet`.",
+            "",
+            ranking.head(10).to_markdown(index=False, floatfmt=".4g"),
+            "",
+        ]
+        if detected:
+            table = pd.Series(detected).rename_axis("metric").reset_index()
+            table[["method", "metric"]] = table["metric"].str.rsplit(".", n=1, expand=True)
+            wide = table.pivot(index="method", columns="metric", values=0)
+            lines += [
+                "Finding the flipped labels (AUC over samples scored by their cluster; found_at_x: share of the "
+                "flipped labels in the first x% of the data, most harmful clusters first; at random x%):",
+                "",
+                wide.to_markdown(floatfmt=".3f"),
+                "",
+            ]
+        lines += ["![harmful clusters](figures/harmful_clusters.png)", ""]
+        if curve:
+            lines += ["![removal curve](figures/removal_curve.png)", ""]
+    means = privacy.groupby("synset")[["l2", "psnr", "ssim", "max_ssim", "distance_ratio"]].mean()
+    means["membership_auc"] = [summary[f"privacy.{k}.membership_auc"] for k in means.index]
+    lines += [
+        "## Privacy",
+        "",
+        "Per synset image, its nearest training image (L2 in [0, 1] pixels): PSNR and SSIM to it, the highest SSIM to "
+        "any training image, and the distance to the nearest training image over that to the nearest held-out image "
+        "(about 1: nothing learnt about the training set). membership_auc: an attacker calling an image a training "
+        "member the closer it lies to the synset (0.5: no leakage). `init` are the real images matching starts from.",
+        "",
+        means.to_markdown(floatfmt=".3f"),
+        "",
+        "![privacy](figures/privacy.png)",
+        "",
+    ]
+    return lines
+
+
 def _markdown(
-    params: Params, summary: dict, top: pd.DataFrame, objective: str, k: int, quality: pd.DataFrame | None
+    params: Params,
+    summary: dict,
+    top: pd.DataFrame,
+    objective: str,
+    k: int,
+    quality: pd.DataFrame | None,
+    side_by_side: pd.DataFrame,
+    audit: list[str],
 ) -> str:
     lines = [
         f"# DDM report: {params.data.name}, {params.model.name}, K = {k} clusters",
         "",
         "| metric | value |",
         "|---|---|",
-        *[f"| {k} | {v:.4g} |" for k, v in summary.items()],
+        *[f"| {k} | {v:.4g} |" for k, v in summary.items() if "." not in k],  # the rest: in their sections
         "",
         f"Scores are drops of the test {objective} when a cluster is removed (positive: the cluster helps).",
         "",
@@ -181,7 +243,8 @@ def _markdown(
         "",
         top.to_markdown(index=False),
         "",
-        *(_quality_markdown(quality) if quality is not None else []),
+        *(_quality_markdown(quality, side_by_side) if quality is not None else []),
+        *audit,
         "## Synsets",
         "",
         "![synsets](figures/synsets.png)",
@@ -202,6 +265,42 @@ def _markdown(
     return "\n".join(lines)
 
 
+STYLE = """
+body { font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto; padding: 0 1em; color: #222; }
+table { border-collapse: collapse; margin: 0.8em 0; font-size: 0.85em; }
+th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: right; }
+th { background: #f3f3f3; } td:first-child, th:first-child { text-align: left; }
+img { max-width: 100%; display: block; margin: 0.5em 0; }
+pre { background: #f7f7f7; padding: 0.8em; font-size: 0.8em; overflow-x: auto; }
+"""
+
+
+def render_html(text: str, folder: Path, params: Params) -> str:
+    """The Markdown report as one self-contained HTML page: every figure embedded, the run's params at the end."""
+    import base64
+    import html
+    import re
+
+    import markdown
+    import yaml
+
+    body = markdown.markdown(text, extensions=["tables"])
+
+    def embed(match: re.Match) -> str:
+        data = base64.b64encode((folder / match.group(1)).read_bytes()).decode()
+        return f'src="data:image/png;base64,{data}"'
+
+    body = re.sub(r'src="(figures/[\w.-]+\.png)"', embed, body)
+    settings = html.escape(yaml.safe_dump(params.model_dump(mode="json"), sort_keys=False))
+    title = html.escape(text.splitlines()[0].lstrip("# "))
+    return (
+        f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{title}</title>'
+        f"<style>{STYLE}</style></head><body>\n{body}\n"
+        f"<h2>Parameters</h2>\n<details open><summary>params.yaml of this run</summary><pre>{settings}</pre></details>"
+        "\n</body></html>\n"
+    )
+
+
 def run(params: Params, paths: Paths, out: Path) -> dict:
     ds = dataset(params)
     stage_metrics = {s: json.loads((paths.stage(s) / "metrics.json").read_text()) for s in STAGES if s != "report"}
@@ -210,17 +309,25 @@ def run(params: Params, paths: Paths, out: Path) -> dict:
     figures.mkdir()
     clusters = read_parquet(paths.stage("cluster") / "clusters.parquet").set_index("cluster_id").sort_index()
     evaluated = quality(paths, params, ds)
-    table = None
+    table, side_by_side = None, pd.DataFrame(columns=list(METHOD_COLUMNS))
     if evaluated is not None:
         results, truth, found, base = evaluated
         table = quality_table(results)
         summary.update({k: v for k, v in flatten(results).items() if np.isfinite(v)})
         ddm = f"ddm_{params.distill.direction}"
+        side_by_side = methods_table(results, paths, stage_metrics, ddm)
         labels = clusters["label"].to_numpy()
         figure_quality(truth, found, base, ds.y_test.numpy(), labels, results, figures, ddm)
+    side_by_side.to_csv(out / "methods.csv", index=False)  # for `dvc plots`
+    write_parquet(
+        side_by_side,
+        out / "methods.parquet",
+        "One row per method against the aligned ground truth (empty without ground truth).",
+        METHOD_COLUMNS,
+    )
     objective = params.attribute.objectives[0]
-    attribution = read_parquet(paths.stage("attribute") / "attribution.parquet")
-    attribution = attribution[attribution["objective"] == objective]
+    every_objective = read_parquet(paths.stage("attribute") / "attribution.parquet")
+    attribution = every_objective[every_objective["objective"] == objective]
     assign = read_parquet(paths.stage("cluster") / "assignments.parquet")
     wide = attribution.pivot(index="cluster_id", columns="test_index", values="score")
     matrix, cluster_ids = wide.to_numpy(), wide.index.to_numpy()
@@ -231,7 +338,7 @@ def run(params: Params, paths: Paths, out: Path) -> dict:
         matrix, clusters.loc[cluster_ids, "label"].to_numpy(), ds.y_test.numpy(), objective, figures / "heatmap.png"
     )
     examples = np.linspace(0, len(ds.x_test) - 1, params.report.n_examples).round().astype(int)
-    figure_examples(ds, matrix, cluster_ids, assign, examples, figures / "examples.png")
+    figure_examples(ds, matrix, cluster_ids, assign, synset, examples, figures / "examples.png")
     figure_matching(read_parquet(paths.stage("distill") / "matching.parquet"), figures / "matching.png")
 
     total = pd.DataFrame(
@@ -243,7 +350,20 @@ def run(params: Params, paths: Paths, out: Path) -> dict:
         }
     )
     top = pd.concat([total.nlargest(5, "total_score"), total.nsmallest(5, "total_score")])
-    (out / "report.md").write_text(_markdown(params, summary, top, objective, len(cluster_ids), table))
+    ranking, found = data_quality(params, paths, ds, figures)
+    write_parquet(
+        ranking, out / "data_quality.parquet", "Clusters from the most harmful to the most helpful.", RANKING_COLUMNS
+    )
+    leakage, measured = privacy_report(params, paths, ds, figures)
+    write_parquet(
+        leakage, out / "privacy.parquet", "What every synset image reveals of the training set.", PRIVACY_COLUMNS
+    )
+    summary.update({**found, **measured})
+    curve = len(read_parquet(paths.stage("data_quality") / "removal_curve.parquet")) > 0
+    audit = _audit_markdown(summary, ranking, leakage, curve)
+    markdown = _markdown(params, summary, top, objective, len(cluster_ids), table, side_by_side, audit)
+    (out / "report.md").write_text(markdown)
+    (out / "report.html").write_text(render_html(markdown, out, params))
     log_pipeline_run(
         paths.root,
         params,
@@ -251,10 +371,16 @@ def run(params: Params, paths: Paths, out: Path) -> dict:
         summary,
         [
             out / "report.md",
+            out / "report.html",
             figures,
             paths.stage("attribute") / "attribution.parquet",
             paths.stage("cluster") / "assignments.parquet",
             paths.stage("cluster") / "clusters.parquet",
+            out / "methods.parquet",
+            out / "data_quality.parquet",
+            out / "privacy.parquet",
         ],
+        tables={"methods.json": side_by_side, f"attribution_{objective}.json": wide.rename(columns=str).reset_index()},
+        datasets={"attribution": (every_objective, paths.stage("attribute") / "attribution.parquet")},
     )
     return summary

@@ -33,6 +33,7 @@ def run(params: Params, paths: Paths, out: Path) -> dict:
         params.base.seed,
         test=test,
         label="train_target",
+        progress=True,
         on_checkpoint=lambda c: save_checkpoint(out / "checkpoints" / f"ckpt_{c.index:04d}.pt", c),
     )
     seconds = time.perf_counter() - start
@@ -49,6 +50,7 @@ def run(params: Params, paths: Paths, out: Path) -> dict:
             "test_accuracy": "accuracy on the test split",
         },
     )
+    pd.DataFrame(history).to_csv(out / "history.csv", index=False)  # for `dvc plots`
     return {
         "test_accuracy": accuracy(model, *test),
         "train_accuracy": accuracy(model, x, y),

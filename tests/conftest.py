@@ -19,6 +19,7 @@ os.environ.update(
         "MLFLOW_DISABLE_TELEMETRY": "true",
         "DVC_NO_ANALYTICS": "1",
         "RAY_USAGE_STATS_ENABLED": "0",
+        "TQDM_DISABLE": "1",
     }
 )
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
@@ -81,7 +82,15 @@ def dvc(folder: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "dvc", *args], cwd=folder, capture_output=True, text=True, env=env)
 
 
-SLOWEST_FIRST = ["test_quality", "test_runners", "test_pipeline", "test_flow", "test_architectures"]
+def reproduced(folder: Path, params: dict, *targets: str) -> Path:
+    """A project made by make_project after a successful `dvc repro` (of `targets`, or of everything)."""
+    make_project(folder, params)
+    result = dvc(folder, "repro", *targets)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return folder
+
+
+SLOWEST_FIRST = ["test_quality", "test_runners", "test_pipeline", "test_audit", "test_architectures", "test_flow"]
 
 
 def pytest_collection_modifyitems(config, items):

@@ -8,7 +8,7 @@ import os
 import pandas as pd
 import pytest
 import torch
-from conftest import TINY, dvc, make_project
+from conftest import TINY, reproduced
 
 from ddm_ops.data import DEBIAN_FASHION_MNIST
 
@@ -26,9 +26,7 @@ FASHION = {
 
 
 def test_pipeline_on_a_fashion_mnist_subset(tmp_path):
-    folder = make_project(tmp_path / "fashion", FASHION)
-    result = dvc(folder, "repro")
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    folder = reproduced(tmp_path / "fashion", FASHION)
     out = folder / "outputs"
     assign = pd.read_parquet(out / "cluster/assignments.parquet")
     assert len(assign) == 300 and assign["train_index"].max() < 60000

@@ -17,7 +17,7 @@ from conftest import TINY, dvc, make_project, write_params
 from stages import STAGES
 
 SCHEMAS = {
-    "cluster/assignments.parquet": ["train_index", "label", "cluster_id", "centroid_distance"],
+    "cluster/assignments.parquet": ["train_index", "label", "cluster_id", "centroid_distance", "is_noisy"],
     "cluster/clusters.parquet": ["cluster_id", "label", "size"],
     "train_target/history.parquet": ["epoch", "step", "lr", "loss", "test_accuracy"],
     "record_trajectory/trajectory.parquet": [
@@ -79,7 +79,8 @@ def test_second_repro_runs_nothing_and_a_param_reruns_exactly_its_stages(project
     params = copy.deepcopy(TINY)
     params["perturb"]["step_size"] = 0.002
     write_params(project, params)
-    assert ran(dvc(project, "repro")) == ["perturb", "attribute", "report"]
+    # data_quality ranks the data by DDM's attribution, so it follows the removal step too (a second when disabled)
+    assert ran(dvc(project, "repro")) == ["perturb", "attribute", "data_quality", "report"]
     params["execution"]["runner"] = "thread"  # how work is spread is not a dependency
     write_params(project, params)
     assert ran(dvc(project, "repro")) == []
@@ -88,7 +89,9 @@ def test_second_repro_runs_nothing_and_a_param_reruns_exactly_its_stages(project
 def test_dvc_exp_run_with_a_set_param(project):
     subprocess.run(["git", "add", "-A"], cwd=project, check=True)
     subprocess.run(["git", "commit", "-qm", "lock"], cwd=project, check=True)
-    assert ran(dvc(project, "exp", "run", "-S", "distill.ipc=2")) == ["distill", "perturb", "attribute", "report"]
+    # forward matching (baselines) distils with DDM's distill params, for a like-for-like comparison
+    expected = ["distill", "perturb", "attribute", "baselines", "data_quality", "report"]
+    assert ran(dvc(project, "exp", "run", "-S", "distill.ipc=2")) == expected
     synset = torch.load(project / "outputs/distill/synset.pt", weights_only=True)
     assert synset["images"].shape[1] == 2
 
@@ -111,6 +114,8 @@ def test_every_pipeline_run_is_an_mlflow_run_with_nested_stage_runs(project):
     assert {"figures/heatmap.png", "figures/synsets.png"} <= figures
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == first.info.run_id]
     assert sorted(r.data.tags["stage"] for r in children) == sorted(s for s in STAGES if s != "report")
+    assert [d.dataset.name for d in first.inputs.dataset_inputs] == ["attribution"]
+    assert "attribution_margin.json" in artifacts and "methods.json" not in artifacts  # no ground truth: no methods
     distill = next(r for r in children if r.data.tags["stage"] == "distill")
     assert distill.data.params["distill.pairing"] == "mirrored" and "train.lr" not in distill.data.params
     assert distill.data.metrics["distill_seconds"] > 0
@@ -132,3 +137,35 @@ def test_bad_params_fail_before_training_and_leave_no_output(tmp_path):
     result = dvc(folder, "repro")
     assert result.returncode != 0 and "distill.pairing = 'fifo'" in result.stderr + result.stdout
     assert not (folder / "outputs" / "train_target").exists()
+
+
+def test_explain_one_test_sample(project):
+    index = int(pd.read_parquet(project / "outputs/attribute/attribution.parquet")["test_index"].iloc[0])
+    done = subprocess.run(
+        [sys.executable, "-m", "pipeline", "explain", "--test-index", str(index), "--top", "3"],
+        cwd=project,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"test sample {index}: class" in done.stdout and "predicted" in done.stdout
+    helpful = done.stdout.split("most helpful clusters:")[1].split("most harmful clusters:")[0]
+    assert len([line for line in helpful.strip().splitlines()[1:] if line.strip()]) == 3
+    assert (project / f"outputs/explain/test-{index}.png").stat().st_size > 5000
+    bad = subprocess.run(
+        [sys.executable, "-m", "pipeline", "explain", "--test-index", "99999"],
+        cwd=project,
+        capture_output=True,
+        text=True,
+    )
+    assert bad.returncode == 2 and "--test-index 99999: not among this run's 60 test samples" in bad.stderr
+
+
+def test_dvc_plots_draw_the_training_curve_matching_loss_and_methods(project):
+    done = dvc(project, "plots", "show", "--json")
+    assert done.returncode == 0, done.stderr
+    shown = json.loads(done.stdout)["data"]
+    for plot in ("Training of the target", "Reverse gradient matching loss (median over clusters)"):
+        assert plot in shown, sorted(shown)
+    history = pd.read_csv(project / "outputs/train_target/history.csv")
+    assert list(history["epoch"]) == [0, 1, 2, 3] and history["loss"].iloc[-1] < history["loss"].iloc[0]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import re
 import subprocess
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY, dvc, make_project, write_params
+from conftest import TINY, dvc, make_project, reproduced, write_params
 
 from ddm_ops.config import ExecutionParams
 from pipeline.runners import fan_out
@@ -23,10 +24,7 @@ def _run(folder: Path, stage: str) -> None:
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
-    folder = make_project(tmp_path_factory.mktemp("runners"), TINY)
-    result = dvc(folder, "repro", "attribute")
-    assert result.returncode == 0, result.stdout + result.stderr
-    return folder
+    return reproduced(tmp_path_factory.mktemp("runners"), TINY, "attribute")
 
 
 def _same_results_on(folder: Path, runner: str) -> None:
@@ -63,10 +61,24 @@ def flaky(marker: str, cluster_id: int) -> int:
     return cluster_id * 10
 
 
+async def _artifacts(key):
+    from prefect import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.client.schemas.sorting import ArtifactSort
+
+    async with get_client() as client:
+        return await client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])), sort=ArtifactSort.CREATED_DESC
+        )
+
+
 def test_a_task_that_fails_once_is_retried(prefect_server, tmp_path):
     items = [{"marker": str(tmp_path), "cluster_id": c} for c in range(3)]
     out = fan_out(flaky, items, "cluster_id", ExecutionParams(runner="thread", retries=1), "flaky")
     assert out == [0, 10, 20] and sorted(p.name for p in tmp_path.iterdir()) == ["0", "1", "2"]
+    progress = asyncio.run(_artifacts("flaky-progress"))  # the Prefect UI's progress bar of the fan-out
+    assert progress[0].type == "progress" and progress[0].data == 100.0
+    assert progress[0].description == "flaky: 3 of 3 clusters done"
     for p in tmp_path.iterdir():
         p.unlink()
     with pytest.raises(RuntimeError, match=r"flaky: cluster_id 0 failed: OSError: transient failure of cluster 0"):

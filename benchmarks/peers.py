@@ -1,0 +1,69 @@
+"""DDM next to the field: every method of `baselines.methods` on the digits config and on the Fashion-MNIST subset
+config (when Debian's dataset-fashion-mnist is installed), the same clusters, ground truth and metrics: the same
+projects as quality.py's (benchmarks/.work/<config>), so whichever of the two runs second recomputes nothing.
+
+Writes benchmarks/results/peers.json (per config: one row per method with LOGO Spearman, group-LDS, fidelity,
+offline / online seconds and peak memory, plus the reference row) and peers.md (the tables for the README).
+Needs the peers extra (`pip install -c constraints.txt -e '.[peers]'`; `make setup` installs it).
+
+    python benchmarks/peers.py                  # digits_k50 and fashion_k100 (hours on 2 cores)
+    python benchmarks/peers.py digits_k50       # one of them
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pandas as pd
+from quality import RESULTS, WORK, config, run_config
+
+from ddm_ops.config import BASELINES
+from ddm_ops.data import DEBIAN_FASHION_MNIST
+
+CONFIGS = ["digits_k50", "fashion_k100"]
+RESULT = RESULTS / "peers.json"
+
+
+def run(name: str) -> dict:
+    """The config's run with every method; the same project as quality.py's, so one of the two computes it."""
+    overrides = config(name)
+    if set(overrides.get("baselines", {}).get("methods", ())) != set(BASELINES):
+        raise SystemExit(f"benchmarks/configs/{name}.yaml: baselines.methods must list every method {BASELINES}")
+    measured = run_config(name)
+    methods = pd.read_parquet(WORK / name / "outputs" / "report" / "methods.parquet")
+    report = measured["report"]
+    reference = {k.removeprefix("reference."): v for k, v in report.items() if k.startswith("reference.")}
+    return {"overrides": measured["overrides"], "methods": methods.to_dict(orient="records"), "reference": reference}
+
+
+def markdown(results: dict) -> str:
+    lines = []
+    for name, r in results.items():
+        table = pd.DataFrame(r["methods"]).set_index("method")
+        ref = r["reference"]
+        lines += [
+            f"**{name}**: noise ceiling group-LDS {ref.get('ceiling_lds_margin', float('nan')):.3f}, LOGO "
+            f"{ref.get('ceiling_logo_margin', float('nan')):.3f}; do-nothing fidelity {ref['fidelity_do_nothing']:.3f}",
+            "",
+            table.to_markdown(floatfmt=".4g"),
+            "",
+        ]
+    return "\n".join(lines)
+
+
+def main(names: list[str]) -> None:
+    results = json.loads(RESULT.read_text()) if RESULT.is_file() else {}
+    for name in names or CONFIGS:
+        if name.startswith("fashion") and not DEBIAN_FASHION_MNIST.is_dir():
+            print(f"skipping {name}: Fashion-MNIST is not installed (make data)")
+            continue
+        print(f"== {name}", flush=True)
+        results[name] = run(name)
+        RESULT.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
+    RESULT.with_suffix(".md").write_text(markdown(results))
+    print(f"wrote {RESULT} and {RESULT.with_suffix('.md')}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,183 @@
+"""The data-quality and privacy parts of the report: clusters ranked from most harmful to most helpful, how well
+each method finds corrupted labels, the removal curve, and what the synsets reveal of the training images."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from ddm_ops import privacy
+from ddm_ops.config import Params
+from ddm_ops.data import Dataset
+from ddm_ops.data_quality import accuracy_effects, cluster_effects, detection, harmful_first
+from stages.attribute import logits_table
+from stages.common import Paths, load_tensors, pyplot, read_parquet, save_figure, show_image, show_pixels
+
+RANKING_COLUMNS = {
+    "rank": "1 = the most harmful cluster",
+    "cluster_id": "cluster",
+    "label": "class of its members (as the model saw them)",
+    "size": "training samples",
+    "noisy": "members whose label data.label_noise flipped",
+    "loss_effect": "rise of the mean test loss when the cluster is removed (negative: removing it helps)",
+    "accuracy_effect": "drop of the test accuracy when the cluster is removed (negative: removing it helps)",
+}
+PRIVACY_COLUMNS = {
+    "synset": "reverse (DDM), forward (forward gradient matching) or init (the real images matching starts from)",
+    "cluster_id": "cluster",
+    "image": "image of the cluster's synset",
+    "nearest_train_index": "position in the training split of the nearest training image (L2)",
+    "l2": "L2 distance to it, pixels in [0, 1]",
+    "psnr": "PSNR to it (dB)",
+    "ssim": "SSIM to it",
+    "max_ssim": "highest SSIM to any training image",
+    "distance_ratio": "distance to the nearest training image / to the nearest held-out image (about 1: no leakage)",
+}
+GRID = 8  # members shown per harmful cluster
+
+
+def _loss_scores(table: pd.DataFrame) -> np.ndarray:
+    loss = table[table["objective"] == "loss"]
+    return loss.pivot(index="cluster_id", columns="test_index", values="score").sort_index().to_numpy()
+
+
+def data_quality(params: Params, paths: Paths, ds: Dataset, figures: Path) -> tuple[pd.DataFrame, dict]:
+    """The ranking of the clusters (empty without the loss objective), detection metrics when labels were
+    corrupted (DDM and every method with loss scores), the removal curve's summary; figures into `figures`."""
+    attribution = read_parquet(paths.stage("attribute") / "attribution.parquet")
+    if "loss" not in set(attribution["objective"]):
+        return pd.DataFrame(columns=list(RANKING_COLUMNS)), {}
+    assign = read_parquet(paths.stage("cluster") / "assignments.parquet")
+    clusters = read_parquet(paths.stage("cluster") / "clusters.parquet").sort_values("cluster_id")
+    ids, noisy = assign["cluster_id"].to_numpy(), assign["is_noisy"].to_numpy()
+    effects = cluster_effects(_loss_scores(attribution))
+    _, _, logits = logits_table(read_parquet(paths.stage("perturb") / "outputs.parquet"))
+    order = harmful_first(effects)
+    ranking = pd.DataFrame(
+        {
+            "rank": np.arange(1, len(order) + 1),
+            "cluster_id": clusters["cluster_id"].to_numpy()[order],
+            "label": clusters["label"].to_numpy()[order],
+            "size": clusters["size"].to_numpy()[order],
+            "noisy": np.bincount(ids, weights=noisy, minlength=len(effects)).astype(int)[order],
+            "loss_effect": effects[order],
+            "accuracy_effect": accuracy_effects(logits[0], logits[1:], ds.y_test)[order],
+        }
+    )
+    metrics: dict = {}
+    if noisy.any():
+        methods = {f"ddm_{params.distill.direction}": effects}
+        baselines = read_parquet(paths.stage("baselines") / "baselines.parquet")
+        for name, table in baselines.groupby("method"):
+            if "loss" in set(table["objective"]):
+                methods[name] = cluster_effects(_loss_scores(table))
+        for name, e in methods.items():
+            metrics.update({f"data_quality.{name}.{k}": v for k, v in detection(e, ids, noisy).items()})
+    figure_harmful(ds, assign, ranking, figures / "harmful_clusters.png")
+    curve = read_parquet(paths.stage("data_quality") / "removal_curve.parquet")
+    if len(curve):
+        figure_removal_curve(curve, figures / "removal_curve.png")
+    return ranking, metrics
+
+
+def figure_harmful(ds: Dataset, assign: pd.DataFrame, ranking: pd.DataFrame, path: Path, n: int = 4) -> None:
+    """The most harmful clusters: members nearest the centroid with the label the model saw (and the true one)."""
+    plt = pyplot()
+    fig, axes = plt.subplots(n, GRID, figsize=(1.0 * GRID, 1.25 * n), squeeze=False)
+    for row, (_, r) in enumerate(ranking.head(n).iterrows()):
+        members = assign[assign["cluster_id"] == r["cluster_id"]].sort_values("centroid_distance").index[:GRID]
+        for col in range(GRID):
+            ax = axes[row, col]
+            ax.axis("off")
+            if col < len(members):
+                i = members[col]
+                true = int(ds.true_train_labels[i])
+                show_image(
+                    ax, ds, ds.x_train[i], f"y={int(ds.y_train[i])}" + (f" (true {true})" if ds.noisy[i] else "")
+                )
+        axes[row, 0].text(
+            -0.3, 0.5, f"#{row + 1}\nc{r['cluster_id']}", transform=axes[row, 0].transAxes, ha="right", fontsize=7
+        )
+    fig.suptitle("Most harmful clusters (removing them lowers the test loss most)", fontsize=9)
+    save_figure(fig, path)
+
+
+def figure_removal_curve(curve: pd.DataFrame, path: Path) -> None:
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    for strategy, part in curve.groupby("strategy"):
+        stats = part.groupby("percent")["test_accuracy"].agg(["mean", "min", "max"])
+        ax.plot(stats.index, stats["mean"], "o-", label=f"{strategy} removal")
+        ax.fill_between(stats.index, stats["min"], stats["max"], alpha=0.2)
+    ax.set_xlabel("training data removed (%)")
+    ax.set_ylabel("test accuracy (evaluation half)")
+    ax.set_title("Removing the least useful data by DDM's ranking vs at random", fontsize=9)
+    ax.legend(fontsize=7)
+    save_figure(fig, path)
+
+
+def synsets(paths: Paths, ds: Dataset) -> tuple[dict[str, torch.Tensor], np.ndarray, np.ndarray]:
+    """({kind: images (K * ipc, C, H, W) in [0, 1]}, cluster id and image number of each): the run's synsets, the
+    forward-matched ones when the baselines made them, and the real images matching started from."""
+    own = load_tensors(paths.stage("distill") / "synset.pt")
+    k, ipc = own["images"].shape[:2]
+    found = {
+        own["direction"]: ds.denormalise(own["images"].flatten(0, 1)),
+        "init": ds.denormalise(ds.x_train[own["init_index"].flatten()]),
+    }
+    forward = load_tensors(paths.stage("baselines") / "forward_synset.pt")
+    if forward and "forward" not in found:
+        found["forward"] = ds.denormalise(forward["images"].flatten(0, 1))
+    return found, np.repeat(own["cluster_ids"].numpy(), ipc), np.tile(np.arange(ipc), k)
+
+
+def privacy_report(params: Params, paths: Paths, ds: Dataset, figures: Path) -> tuple[pd.DataFrame, dict]:
+    """Per synset image its nearest training image and the leakage measures; per kind their means and the
+    membership-inference AUC (training vs as many held-out images)."""
+    members = ds.denormalise(ds.x_train)
+    non_members = ds.denormalise(ds.x_test)
+    rng = np.random.default_rng([params.base.seed, 5])
+    attacked = members[rng.choice(len(members), size=min(len(members), len(non_members)), replace=False)]
+    frames, metrics, nearest = [], {}, {}
+    kinds, cluster_ids, image = synsets(paths, ds)
+    for kind, images in kinds.items():
+        found = privacy.nearest_real(images, members, non_members)
+        nearest[kind] = (images, members[found["nearest_index"]])
+        frames.append(
+            pd.DataFrame(
+                {
+                    "synset": kind,
+                    "cluster_id": cluster_ids,
+                    "image": image,
+                    "nearest_train_index": ds.train_index[found["nearest_index"]],
+                    **{k: found[k] for k in ("l2", "psnr", "ssim", "max_ssim", "distance_ratio")},
+                }
+            )
+        )
+        for k in ("l2", "psnr", "ssim", "max_ssim", "distance_ratio"):
+            metrics[f"privacy.{kind}.{k}"] = float(np.mean(found[k]))
+        metrics[f"privacy.{kind}.membership_auc"] = privacy.membership_auc(
+            images, attacked, non_members[: len(attacked)]
+        )
+    figure_privacy(nearest, ds, figures / "privacy.png")
+    return pd.concat(frames, ignore_index=True), metrics
+
+
+def figure_privacy(nearest: dict[str, tuple[torch.Tensor, torch.Tensor]], ds: Dataset, path: Path, n: int = 8) -> None:
+    """Synset images (top row of each pair) above their nearest training images, for each kind of synset."""
+    plt = pyplot()
+    kinds = [k for k in ("reverse", "forward", "init") if k in nearest]
+    step = max(1, len(nearest[kinds[0]][0]) // n)
+    fig, axes = plt.subplots(2 * len(kinds), n, figsize=(1.0 * n, 1.1 * 2 * len(kinds)), squeeze=False)
+    for r, kind in enumerate(kinds):
+        images, real = nearest[kind]
+        for c in range(n):
+            for row, x, what in ((2 * r, images, kind), (2 * r + 1, real, "nearest real")):
+                show_pixels(axes[row, c], x[min(c * step, len(x) - 1)])
+                if c == 0:
+                    axes[row, c].set_ylabel(what, fontsize=7)
+    fig.suptitle("Synset images and their nearest training images (L2)", fontsize=9)
+    save_figure(fig, path)

@@ -1,0 +1,172 @@
+"""Data quality and privacy measures against hand-computed answers; label noise; and the whole pipeline with
+corrupted labels (ranking, detection, removal curve, privacy tables, the HTML report in a real browser)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from conftest import ROOT, TINY, reproduced
+
+from ddm_ops.config import LabelNoiseParams
+from ddm_ops.data import flip_labels
+from ddm_ops.data_quality import detection, least_useful
+from ddm_ops.privacy import membership_auc, nearest_real, psnr, ssim
+
+
+def test_detection_auc_and_share_found_by_inspection():
+    # 3 clusters of 10 samples: cluster 1 is the most harmful and holds 6 of the 8 noisy samples, cluster 0 the rest
+    cluster_of = np.repeat([0, 1, 2], 10)
+    noisy = np.zeros(30, dtype=bool)
+    noisy[[10, 11, 12, 13, 14, 15, 0, 1]] = True
+    found = detection(np.array([-0.1, -0.5, 0.3]), cluster_of, noisy)
+    # AUC: noisy in cluster 1 beat every clean sample of clusters 0 and 2 and tie with 4 of cluster 1's clean ones
+    clean_scores = {0: 8, 1: 4, 2: 10}
+    auc = (6 * (clean_scores[0] + clean_scores[2] + 0.5 * clean_scores[1]) + 2 * (10 + 0.5 * 8)) / (8 * 22)
+    assert found["auc"] == pytest.approx(auc)
+    # 5% of 30 samples = 1.5 samples of cluster 1 (6 noisy of 10) -> 0.9 noisy found, of 8
+    assert found["found_at_5"] == pytest.approx(0.9 / 8)
+    assert found["found_at_20"] == pytest.approx(3.6 / 8)
+
+
+def test_least_useful_takes_whole_clusters_closest_to_the_share():
+    effects, sizes = np.array([0.2, -0.3, 0.0, -0.1]), np.array([10, 10, 30, 50])
+    assert least_useful(effects, sizes, 0).tolist() == []
+    assert least_useful(effects, sizes, 10).tolist() == [1]  # the most harmful cluster, 10 of 100 samples
+    assert least_useful(effects, sizes, 50).tolist() == [1, 3]  # 60 samples are closer to 50 than 10 are
+
+
+def test_label_noise_flips_the_asked_share_to_other_classes():
+    labels = np.repeat(np.arange(4), 25)
+    images = torch.randn(100, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    seen, flipped = flip_labels(images, labels, 4, LabelNoiseParams(fraction=0.2))
+    assert (
+        flipped.sum() == 20 and (seen[flipped] != labels[flipped]).all() and (seen[~flipped] == labels[~flipped]).all()
+    )
+    seen, flipped = flip_labels(images, labels, 4, LabelNoiseParams(fraction=0.2, mode="clustered"))
+    assert flipped.sum() >= 20 and (seen[flipped] != labels[flipped]).all()
+
+
+def test_ssim_and_psnr_known_answers():
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(4, 1, 9, 9, generator=g)
+    assert torch.allclose(ssim(x, x).diagonal(), torch.ones(4), atol=1e-5)
+    a, b = torch.full((1, 1, 9, 9), 0.2), torch.full((1, 1, 9, 9), 0.6)
+    c1 = 0.01**2  # constant images: only the luminance term is left
+    assert ssim(a, b).item() == pytest.approx((2 * 0.2 * 0.6 + c1) / (0.2**2 + 0.6**2 + c1), rel=1e-4)
+    assert psnr(a, b).item() == pytest.approx(10 * np.log10(1 / 0.16), rel=1e-5)
+
+
+def test_nearest_real_and_membership_attack_see_a_copied_training_image():
+    g = torch.Generator().manual_seed(0)
+    members, non_members = torch.rand(50, 1, 8, 8, generator=g), torch.rand(50, 1, 8, 8, generator=g)
+    copies = members[:10]
+    found = nearest_real(copies, members, non_members)
+    assert found["nearest_index"].tolist() == list(range(10)) and np.allclose(found["l2"], 0)
+    assert np.allclose(found["distance_ratio"], 0) and np.allclose(found["ssim"], 1, atol=1e-5)
+    assert membership_auc(copies, members[:10], non_members[:10]) == 1.0  # the copied members are found
+    unrelated = torch.rand(10, 1, 8, 8, generator=g)
+    assert abs(membership_auc(unrelated, members, non_members) - 0.5) < 0.2
+
+
+NOISY = {
+    **TINY,
+    "data": {
+        "name": "digits",
+        "subset": {"train": 200, "test": 60, "seed": 0},
+        "label_noise": {"fraction": 0.2, "mode": "clustered"},
+    },
+    "data_quality": {"enabled": True, "removal_percent": [0, 10, 50], "seeds": 1},
+}
+
+
+@pytest.fixture(scope="module")
+def noisy_project(tmp_path_factory):
+    return reproduced(tmp_path_factory.mktemp("noisy"), NOISY)
+
+
+def test_noisy_labels_are_recorded_ranked_and_found(noisy_project):
+    out = noisy_project / "outputs"
+    assign = pd.read_parquet(out / "cluster/assignments.parquet")
+    assert 0.2 <= assign["is_noisy"].mean() < 0.35
+    ranking = pd.read_parquet(out / "report/data_quality.parquet")
+    assert ranking["rank"].tolist() == list(range(1, 21)) and ranking["loss_effect"].is_monotonic_increasing
+    assert ranking["noisy"].sum() == assign["is_noisy"].sum()
+    report = json.loads((out / "report/metrics.json").read_text())
+    assert 0 <= report["data_quality.ddm_reverse.auc"] <= 1
+    print({k: round(v, 3) for k, v in report.items() if k.startswith(("data_quality", "privacy"))})
+    curve = pd.read_parquet(out / "data_quality/removal_curve.parquet")
+    assert sorted(curve["strategy"].unique()) == ["ddm", "random"] and sorted(curve["percent"].unique()) == [0, 10, 50]
+    full = curve.query("percent == 0")["test_accuracy"]
+    assert full.nunique() == 1  # nothing removed: the same retraining for both strategies
+    assert (curve.query("percent == 50")["removed_fraction"] > 0.3).all()
+
+
+def test_privacy_tables_compare_the_synset_with_its_initialisation(noisy_project):
+    table = pd.read_parquet(noisy_project / "outputs/report/privacy.parquet")
+    assert set(table["synset"]) == {"reverse", "init"} and len(table) == 2 * 20
+    init = table[table["synset"] == "init"]
+    assert np.allclose(init["l2"], 0) and np.allclose(init["distance_ratio"], 0)  # real images: found exactly
+    reverse = table[table["synset"] == "reverse"]
+    assert (reverse["l2"] > 0).all()
+
+
+def _browser():
+    """Headless Chromium driven by Debian's chromedriver (.ci/run installs both), or None."""
+    chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    if not (chromium and driver):
+        if os.environ.get("DDM_REQUIRE_BROWSER"):
+            pytest.fail("chromium and chromedriver are required here (apt-get install chromium chromium-driver)")
+        pytest.skip("chromium / chromedriver not installed (make browser)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--disable-quic",
+        "--no-first-run",
+    ):
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    return webdriver.Chrome(service=Service(driver), options=options)
+
+
+def test_html_report_renders_every_figure_without_console_errors(noisy_project):
+    page = noisy_project / "outputs/report/report.html"
+    text = page.read_text()
+    assert "figures/" not in text and text.count("data:image/png;base64,") >= 6  # self-contained
+    browser = _browser()
+    try:
+        browser.set_window_size(1200, 900)
+        browser.get(page.as_uri())
+        images = browser.execute_script(
+            "return Array.from(document.images).map(i => [i.alt, i.complete && i.naturalWidth > 0])"
+        )
+        errors = [e for e in browser.get_log("browser") if e["level"] in ("SEVERE", "WARNING")]
+        height = browser.execute_script("return document.body.scrollHeight")
+        browser.set_window_size(1200, min(height, 12000))
+        shot = ROOT / "outputs" / "screenshots" / "report.png"  # kept as a CI artifact
+        shot.parent.mkdir(parents=True, exist_ok=True)
+        browser.save_screenshot(str(shot))
+    finally:
+        browser.quit()
+    alts = [alt for alt, _ in images]
+    for figure in ("synsets", "heatmap", "examples", "harmful clusters", "removal curve", "privacy"):
+        assert figure in alts, alts
+    assert all(ok for _, ok in images), images
+    assert not errors, errors
+    assert Path(shot).stat().st_size > 10_000
