@@ -240,7 +240,7 @@ class BaselinesParams(_Block):
     gradient_ascent_steps: PositiveInt = Field(3, description="Ascent steps on the real cluster from θ_T.")
     trak_models: int = Field(5, ge=2, description="trak_ensemble: the last this many checkpoints of the trajectory.")
     influence_damping: float = Field(
-        0.0, ge=0.0, description="influence: damping added to the Hessian (dattri's default 0; see the README)."
+        0.0, ge=0.0, description="influence (Arnoldi): damping added to the Hessian (dattri's default 0)."
     )
 
 

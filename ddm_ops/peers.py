@@ -1,5 +1,5 @@
 """Established attribution methods through their own libraries (the `peers` extra): dattri's TracIn, influence
-function (conjugate gradient) and TRAK, and Kronfluence's EK-FAC, at their documented defaults.
+function (Arnoldi) and TRAK, and Kronfluence's EK-FAC, at their documented defaults.
 
 Each gives per-training-sample scores (N, M) in this project's sign convention, positive = the sample helps test
 sample j (removing it lowers o_j): the libraries are handed the training cross-entropy and, on the test side,
@@ -143,20 +143,45 @@ def influence(
     phases: Phases,
     damping: float = 0.0,
 ) -> np.ndarray:
-    """Influence functions at θ_T with the inverse Hessian-vector products by conjugate gradient (dattri: 10
-    iterations; `damping` x identity added to the Hessian, 0 by default as in dattri). The training loss's Hessian
-    at θ_T is not positive definite, so without damping the solves can point anywhere (see the README)."""
-    from dattri.algorithm import IFAttributorCG
+    """Influence functions at θ_T with the inverse Hessian of the training loss restricted to its top 100
+    eigendirections, found by 100 Arnoldi iterations (dattri's IFAttributorArnoldi at its defaults; Schioppa et
+    al. 2022); `damping` x identity is added to the Hessian, 0 by default as in dattri.
+
+    The variant that fits a CPU: the Hessian is never formed, the offline phase is 100 Hessian-vector products
+    over the training set, and a query is a projection. dattri's conjugate-gradient variant re-solves for every
+    test sample: 10 iterations over the whole training set each, 45 minutes for digits' 450 test samples here."""
+    from dattri.algorithm import IFAttributorArnoldi
     from dattri.task import AttributionTask
 
     f = _functions(model, objective)
     task = AttributionTask(loss_func=f["train_loss"], target_func=f["test_loss"], model=model, checkpoints=state)
-    attributor = IFAttributorCG(task=task, device=str(train[0].device), regularization=damping)
-    everything = _loader(*train, len(train[0]))  # one batch: dattri redoes the solves for every batch pair
-    with phases("offline"):
-        attributor.cache(everything)
+    attributor = IFAttributorArnoldi(task=task, device=str(train[0].device), regularization=damping)
+    # the Hessian of the whole training set (one batch); without no_grad every iteration's graph is kept (20 GB)
+    with phases("offline"), _positive_arnoldi(), torch.no_grad():
+        attributor.cache(_loader(*train, len(train[0])))
     with phases("online"), torch.no_grad():
-        return attributor.attribute(everything, _loader(*test, len(test[0]))).cpu().numpy()
+        return attributor.attribute(_loader(*train, 256), _loader(*test, 256)).cpu().numpy()
+
+
+@contextmanager
+def _positive_arnoldi() -> Iterator[None]:
+    """dattri 0.3.0's Arnoldi projector keeps the top eigenvalues by magnitude and warns that it drops the negative
+    ones, but keeps them (their 1/sqrt makes every score NaN). For the duration, a projector that drops them, as its
+    warning says, and finds its eigenspace when it is built (the offline phase), not at the first query."""
+    from dattri.func import projection
+
+    class Positive(projection.ArnoldiProjector):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.get_eigenspace()
+            keep = self.eigvals > self.tol**2
+            self.eigvals, self.eigvecs = self.eigvals[keep], self.eigvecs[keep]
+
+    original, projection.ArnoldiProjector = projection.ArnoldiProjector, Positive
+    try:
+        yield
+    finally:
+        projection.ArnoldiProjector = original
 
 
 def trak(

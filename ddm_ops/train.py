@@ -129,7 +129,8 @@ def train(
         history.append(row)
         bar.update()
         bar.set_postfix({k: f"{v:.3f}" for k, v in row.items() if k in ("loss", "test_accuracy")})
-        log.info(
+        log.log(  # the target's epochs; a fan-out's retrainings only at debug level (their bar is per task)
+            logging.INFO if progress else logging.DEBUG,
             "%s epoch %d/%d loss %.4f%s",
             label,
             epoch + 1,

@@ -42,8 +42,8 @@ def _scores(method: str, trained) -> np.ndarray:
         states = [c.state for c in checkpoints[:-1]]
         weights = [c.lr * c.epochs / TRAIN.batch_size for c in checkpoints[:-1]]
         out = peers.tracin(model, states, weights, data, test, "margin", phases)
-    elif method == "influence":  # damping above the curvature: the loss is not convex, undamped CG points anywhere
-        out = peers.influence(model, final, data, test, "margin", phases, damping=100.0)
+    elif method == "influence":  # dattri's defaults: no damping
+        out = peers.influence(model, final, data, test, "margin", phases)
     elif method == "trak":
         out = peers.trak(model, [final], data, test, "margin", phases)
     elif method == "trak_ensemble":
