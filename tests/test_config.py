@@ -1,6 +1,7 @@
 """Bad parameters fail before any work, naming the key, the value and what is allowed."""
 
 import pytest
+import yaml
 
 from ddm_ops.config import Params, ParamsError, load_params, parse_params
 from ddm_ops.data import load_dataset
@@ -32,6 +33,11 @@ def test_defaults_are_the_shipped_params_file():
     from conftest import ROOT
 
     assert load_params(ROOT / "params.yaml") == Params()
+    # every block and key written out: DVC needs each block a stage declares, and users read the file
+    shipped = yaml.safe_load((ROOT / "params.yaml").read_text())
+    assert {block: set(values) for block, values in shipped.items()} == {
+        block: set(values) for block, values in Params().model_dump().items()
+    }
 
 
 def test_missing_params_file_is_named(tmp_path):
