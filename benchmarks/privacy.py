@@ -1,12 +1,13 @@
-"""What the synsets reveal: on the run of data_quality.py (digits, 10% label noise), per kind of synset (reverse =
-DDM, forward = forward gradient matching, init = the real images matching starts from) the mean L2 / PSNR / SSIM to
-the nearest training image, the highest SSIM to any, the member / non-member distance ratio, and the
-membership-inference AUC. Writes benchmarks/results/privacy.json.
+"""What the synsets reveal: on the digits_k50 run of quality.py (it has forward-matched synsets, which need the
+ground truth for their removal step), per kind of synset (reverse = DDM, forward = forward gradient matching, init
+= the real images matching starts from) the mean L2 / PSNR / SSIM to the nearest training image, the highest
+SSIM to any, the member / non-member distance ratio, and the membership-inference AUC. Writes
+benchmarks/results/privacy.json.
 
 Targets: reverse-matched synsets farther from every real image than forward-matched ones (lower SSIM), and
 membership-inference AUC <= 0.55.
 
-    python benchmarks/privacy.py                # reuses data_quality.py's run when it is there
+    python benchmarks/privacy.py                # reuses quality.py's digits_k50 run when it is there
 """
 
 from __future__ import annotations
@@ -14,14 +15,15 @@ from __future__ import annotations
 import json
 
 import pandas as pd
-from data_quality import NAME, noisy
 from quality import RESULTS, WORK, by_name, run_config
+
+NAME = "digits_k50"
 
 RESULT = RESULTS / "privacy.json"
 
 
 def main() -> None:
-    measured = run_config(NAME, noisy())
+    measured = run_config(NAME)
     kinds = by_name(measured["report"], "privacy")
     table = pd.read_parquet(WORK / NAME / "outputs" / "report" / "privacy.parquet")
     result = {
