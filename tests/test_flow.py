@@ -18,12 +18,15 @@ async def _task_runs(flow_run_id):
         return await client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
 
 
-async def _flow_runs_named(name):
+async def _flow_runs_named_during(name, flow_run_id):
+    """Flow runs of flow `name` that started while the flow run `flow_run_id` ran (other tests share the server)."""
     from prefect import get_client
     from prefect.client.schemas.filters import FlowFilter, FlowFilterName
 
     async with get_client() as client:
-        return await client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=[name])))
+        outer = await client.read_flow_run(flow_run_id)
+        runs = await client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=[name])))
+    return [r for r in runs if r.start_time and outer.start_time <= r.start_time <= outer.end_time]
 
 
 def test_flow_runs_one_task_per_dvc_stage(prefect_server, tmp_path):
@@ -41,8 +44,8 @@ def test_flow_runs_one_task_per_dvc_stage(prefect_server, tmp_path):
     order = [r.name for r in sorted(runs, key=lambda r: r.start_time)]
     assert order.index("train_target") < order.index("distill") < order.index("perturb") < order.index("report")
     # the stage's per-cluster fan-out reported to the same server: TINY asks for one cluster per task
-    fan_out = asyncio.run(_flow_runs_named("distill-fan-out"))
-    assert fan_out, "the distill stage's flow did not report to the flow's server"
+    fan_out = asyncio.run(_flow_runs_named_during("distill-fan-out", state.state_details.flow_run_id))
+    assert len(fan_out) == 1, "the distill stage's flow did not report to the flow's server"
     tasks = asyncio.run(_task_runs(fan_out[0].id))
     assert sorted(t.name for t in tasks) == sorted(f"distill-cluster_id-{c}" for c in range(20))
     assert (folder / "outputs/attribute/attribution.parquet").is_file()
