@@ -14,7 +14,7 @@ from ddm_ops.config import Params
 from ddm_ops.data import Dataset
 from ddm_ops.data_quality import accuracy_effects, cluster_effects, detection, harmful_first
 from stages.attribute import logits_table
-from stages.common import Paths, load_tensors, pyplot, read_parquet, save_figure, show_image, show_pixels
+from stages.common import Paths, RunTables, load_tensors, pyplot, save_figure, show_image, show_pixels
 
 RANKING_COLUMNS = {
     "rank": "1 = the most harmful cluster",
@@ -44,17 +44,15 @@ def _loss_scores(table: pd.DataFrame) -> np.ndarray:
     return loss.pivot(index="cluster_id", columns="test_index", values="score").sort_index().to_numpy()
 
 
-def data_quality(params: Params, paths: Paths, ds: Dataset, figures: Path) -> tuple[pd.DataFrame, dict]:
+def data_quality(params: Params, tables: RunTables, ds: Dataset, figures: Path) -> tuple[pd.DataFrame, dict]:
     """The ranking of the clusters (empty without the loss objective), detection metrics when labels were
     corrupted (DDM and every method with loss scores), the removal curve's summary; figures into `figures`."""
-    attribution = read_parquet(paths.stage("attribute") / "attribution.parquet")
-    if "loss" not in set(attribution["objective"]):
+    if "loss" not in set(tables.attribution["objective"]):
         return pd.DataFrame(columns=list(RANKING_COLUMNS)), {}
-    assign = read_parquet(paths.stage("cluster") / "assignments.parquet")
-    clusters = read_parquet(paths.stage("cluster") / "clusters.parquet").sort_values("cluster_id")
+    assign, clusters = tables.assignments, tables.clusters
     ids, noisy = assign["cluster_id"].to_numpy(), assign["is_noisy"].to_numpy()
-    effects = cluster_effects(_loss_scores(attribution))
-    _, _, logits = logits_table(read_parquet(paths.stage("perturb") / "outputs.parquet"))
+    effects = cluster_effects(_loss_scores(tables.attribution))
+    _, _, logits = logits_table(tables.outputs)
     order = harmful_first(effects)
     ranking = pd.DataFrame(
         {
@@ -70,16 +68,14 @@ def data_quality(params: Params, paths: Paths, ds: Dataset, figures: Path) -> tu
     metrics: dict = {}
     if noisy.any():
         methods = {f"ddm_{params.distill.direction}": effects}
-        baselines = read_parquet(paths.stage("baselines") / "baselines.parquet")
-        for name, table in baselines.groupby("method"):
+        for name, table in tables.baselines.groupby("method"):
             if "loss" in set(table["objective"]):
                 methods[name] = cluster_effects(_loss_scores(table))
         for name, e in methods.items():
             metrics.update({f"data_quality.{name}.{k}": v for k, v in detection(e, ids, noisy).items()})
     figure_harmful(ds, assign, ranking, figures / "harmful_clusters.png")
-    curve = read_parquet(paths.stage("data_quality") / "removal_curve.parquet")
-    if len(curve):
-        figure_removal_curve(curve, figures / "removal_curve.png")
+    if len(tables.removal_curve):
+        figure_removal_curve(tables.removal_curve, figures / "removal_curve.png")
     return ranking, metrics
 
 

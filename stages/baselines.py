@@ -203,8 +203,7 @@ class Methods:
 
     def peer(self, method: str) -> None:
         """A library's per-sample scores (N, M), summed over each cluster."""
-        train, test, model = self.train, self.test, self.model
-        final = self.checkpoints[-1].state
+        train, test, model, final = self.train, self.test, self.model, self.state
         if method == "tracin":
             states = [c.state for c in self.checkpoints[:-1]]  # θ_t, weighted by the SGD it received
             weights = [c.lr * c.epochs / self.params.train.batch_size for c in self.checkpoints[:-1]]

@@ -125,6 +125,33 @@ def read_parquet(path: Path) -> pd.DataFrame:
     return pd.read_parquet(path)
 
 
+@dataclass(frozen=True)
+class RunTables:
+    """The upstream tables the report reads, each read once: the attribution (every objective), the clusters
+    (by cluster_id) and their members, θ_T's and the removed models' test outputs, the reference methods' scores
+    and outputs, and the removal curve."""
+
+    attribution: pd.DataFrame
+    clusters: pd.DataFrame
+    assignments: pd.DataFrame
+    outputs: pd.DataFrame
+    baselines: pd.DataFrame
+    baseline_outputs: pd.DataFrame
+    removal_curve: pd.DataFrame
+
+    @classmethod
+    def read(cls, paths: Paths) -> RunTables:
+        return cls(
+            attribution=read_parquet(paths.stage("attribute") / "attribution.parquet"),
+            clusters=read_parquet(paths.stage("cluster") / "clusters.parquet").sort_values("cluster_id"),
+            assignments=read_parquet(paths.stage("cluster") / "assignments.parquet"),
+            outputs=read_parquet(paths.stage("perturb") / "outputs.parquet"),
+            baselines=read_parquet(paths.stage("baselines") / "baselines.parquet"),
+            baseline_outputs=read_parquet(paths.stage("baselines") / "outputs.parquet"),
+            removal_curve=read_parquet(paths.stage("data_quality") / "removal_curve.parquet"),
+        )
+
+
 def write_json(path: Path, data: dict[str, Any]) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 

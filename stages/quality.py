@@ -12,7 +12,7 @@ from ddm_ops.data import Dataset
 from ddm_ops.evaluation import Method, Truth, evaluate
 from stages.attribute import logits_table
 from stages.baselines import COST_COLUMNS
-from stages.common import Paths, load_ground_truth, pyplot, read_parquet, save_figure
+from stages.common import Paths, RunTables, load_ground_truth, pyplot, read_parquet, save_figure
 from stages.perturb import BASE
 
 
@@ -24,33 +24,28 @@ def _matrices(table: pd.DataFrame) -> dict[str, np.ndarray]:
     }
 
 
-def methods(paths: Paths, params: Params) -> tuple[dict[str, Method], np.ndarray]:
+def methods(tables: RunTables, params: Params) -> tuple[dict[str, Method], np.ndarray]:
     """DDM (named after its direction) and every reference method present; and θ_T's test logits."""
-    ids, _, logits = logits_table(read_parquet(paths.stage("perturb") / "outputs.parquet"))
+    ids, _, logits = logits_table(tables.outputs)
     assert ids[0] == BASE
     ddm = f"ddm_{params.distill.direction}"
-    found = {
-        ddm: Method(
-            _matrices(read_parquet(paths.stage("attribute") / "attribution.parquet")),
-            logits[1:].numpy().astype(np.float64),
-        )
-    }
-    baselines = read_parquet(paths.stage("baselines") / "baselines.parquet")
-    outputs = read_parquet(paths.stage("baselines") / "outputs.parquet")
-    for name, table in baselines.groupby("method"):
+    found = {ddm: Method(_matrices(tables.attribution), logits[1:].numpy().astype(np.float64))}
+    outputs = tables.baseline_outputs
+    for name, table in tables.baselines.groupby("method"):
         made = outputs[outputs["method"] == name].drop(columns="method")
         found[name] = Method(_matrices(table), logits_table(made)[2].numpy().astype(np.float64) if len(made) else None)
     return found, logits[0].numpy().astype(np.float64)
 
 
-def quality(paths: Paths, params: Params, ds: Dataset) -> tuple[dict, Truth, dict[str, Method], np.ndarray] | None:
+def quality(
+    tables: RunTables, paths: Paths, params: Params, ds: Dataset
+) -> tuple[dict, Truth, dict[str, Method], np.ndarray] | None:
     """The evaluation of the run, or None when the ground truth is disabled."""
     truth = load_ground_truth(paths, params)
     if not truth.enabled:
         return None
-    found, base = methods(paths, params)
-    labels = read_parquet(paths.stage("cluster") / "clusters.parquet").sort_values("cluster_id")["label"].to_numpy()
-
+    found, base = methods(tables, params)
+    labels = tables.clusters["label"].to_numpy()
     return evaluate(found, base, ds.y_test.numpy(), labels, truth), truth, found, base
 
 

@@ -15,6 +15,7 @@ from stages import STAGES
 from stages.audit import PRIVACY_COLUMNS, RANKING_COLUMNS, data_quality, privacy_report
 from stages.common import (
     Paths,
+    RunTables,
     dataset,
     load_tensors,
     pyplot,
@@ -307,8 +308,9 @@ def run(params: Params, paths: Paths, out: Path) -> dict:
     summary = summarise(stage_metrics)
     figures = out / "figures"
     figures.mkdir()
-    clusters = read_parquet(paths.stage("cluster") / "clusters.parquet").set_index("cluster_id").sort_index()
-    evaluated = quality(paths, params, ds)
+    tables = RunTables.read(paths)
+    clusters = tables.clusters.set_index("cluster_id")
+    evaluated = quality(tables, paths, params, ds)
     table, side_by_side = None, pd.DataFrame(columns=list(METHOD_COLUMNS))
     if evaluated is not None:
         results, truth, found, base = evaluated
@@ -326,9 +328,8 @@ def run(params: Params, paths: Paths, out: Path) -> dict:
         METHOD_COLUMNS,
     )
     objective = params.attribute.objectives[0]
-    every_objective = read_parquet(paths.stage("attribute") / "attribution.parquet")
+    every_objective, assign = tables.attribution, tables.assignments
     attribution = every_objective[every_objective["objective"] == objective]
-    assign = read_parquet(paths.stage("cluster") / "assignments.parquet")
     wide = attribution.pivot(index="cluster_id", columns="test_index", values="score")
     matrix, cluster_ids = wide.to_numpy(), wide.index.to_numpy()
     synset = load_tensors(paths.stage("distill") / "synset.pt")
@@ -350,7 +351,7 @@ def run(params: Params, paths: Paths, out: Path) -> dict:
         }
     )
     top = pd.concat([total.nlargest(5, "total_score"), total.nsmallest(5, "total_score")])
-    ranking, found = data_quality(params, paths, ds, figures)
+    ranking, found = data_quality(params, tables, ds, figures)
     write_parquet(
         ranking, out / "data_quality.parquet", "Clusters from the most harmful to the most helpful.", RANKING_COLUMNS
     )
@@ -359,8 +360,7 @@ def run(params: Params, paths: Paths, out: Path) -> dict:
         leakage, out / "privacy.parquet", "What every synset image reveals of the training set.", PRIVACY_COLUMNS
     )
     summary.update({**found, **measured})
-    curve = len(read_parquet(paths.stage("data_quality") / "removal_curve.parquet")) > 0
-    audit = _audit_markdown(summary, ranking, leakage, curve)
+    audit = _audit_markdown(summary, ranking, leakage, len(tables.removal_curve) > 0)
     markdown = _markdown(params, summary, top, objective, len(cluster_ids), table, side_by_side, audit)
     (out / "report.md").write_text(markdown)
     (out / "report.html").write_text(render_html(markdown, out, params))
