@@ -55,6 +55,12 @@ def _scores(method: str, trained) -> np.ndarray:
     return out
 
 
+# Median rank of the copied sample among the 600 for its copy, measured (2026-12-02): tracin 3, influence 29,
+# trak 1, trak_ensemble 1, ekfac 4; all 15 own scores positive for every method. Thresholds: twice the
+# measurement, at least 10 (influence, Arnoldi without damping, is the weakest: top 10%).
+MEDIAN_RANK = {"tracin": 10, "influence": 60, "trak": 10, "trak_ensemble": 10, "ekfac": 10}
+
+
 @pytest.mark.parametrize("method", peers.PEERS)
 def test_a_copied_training_sample_is_among_the_most_helpful_for_its_copy(trained, method):
     copies = trained[4].numpy()
@@ -62,7 +68,7 @@ def test_a_copied_training_sample_is_among_the_most_helpful_for_its_copy(trained
     own = scores[copies, 30 + np.arange(len(copies))]
     assert (own > 0).mean() >= 0.9, own  # positive = helps: the sign convention
     ranks = (scores[:, 30:] >= own[None]).sum(0)  # 1 = the copied sample has the largest score of all 600
-    assert np.median(ranks) <= 30, ranks  # in the top 5%
+    assert np.median(ranks) <= MEDIAN_RANK[method], ranks
 
 
 def test_tracin_summed_over_a_cluster_is_the_first_order_estimate(trained):
@@ -72,6 +78,7 @@ def test_tracin_summed_over_a_cluster_is_the_first_order_estimate(trained):
     trajectory = Trajectory.from_checkpoints(model, checkpoints, TRAIN.batch_size)
     grads = [cluster_gradients(model, trajectory, ds.x_train[ids == k], ds.y_train[ids == k]) for k in range(5)]
     first_order = first_order_scores(model, trajectory, grads, *test, "margin")
-    # dattri projects gradients to 512 random dimensions: equal up to the projection's noise
+    # dattri projects gradients to 512 random dimensions: equal up to the projection's noise (measured: correlation
+    # 0.986, mean |score| ratio 1.014)
     assert np.corrcoef(tracin.ravel(), first_order.ravel())[0, 1] > 0.98
     np.testing.assert_allclose(np.abs(tracin).mean(), np.abs(first_order).mean(), rtol=0.1)
