@@ -12,6 +12,8 @@ from ddm_ops.objectives import OBJECTIVES
 from ddm_ops.trajectory import Trajectory
 from ddm_ops.unlearn import outputs_of, unlearn
 
+TEST_GRADIENT_ENTRIES = 1 << 26  # per-sample test-gradient entries held at once (a ResNet18's 450 needed 40 GB)
+
 
 def class_indicator(cluster_labels: np.ndarray, test_labels: np.ndarray) -> np.ndarray:
     """(K, M): 1 where the cluster's class is the test sample's class, else 0."""
@@ -52,10 +54,14 @@ def first_order_scores(
     score = torch.zeros(len(grads), len(x_test), dtype=torch.float64)
     for t in range(trajectory.segments):
         params, buffers = trajectory.at(t)
-        j = per_sample_grads(model, params, buffers, x_test, y_test, OBJECTIVES[objective])
-        jt = torch.cat([v.flatten(1) for v in j.values()], dim=1).double()
         gt = torch.stack([flat(g, t) for g in grads]).double()
-        score -= float(trajectory.lrs[t]) * gt @ jt.T
+        step = max(1, TEST_GRADIENT_ENTRIES // gt.shape[1])  # test samples whose gradients are held at once
+        for a in range(0, len(x_test), step):
+            j = per_sample_grads(
+                model, params, buffers, x_test[a : a + step], y_test[a : a + step], OBJECTIVES[objective]
+            )
+            jt = torch.cat([v.flatten(1) for v in j.values()], dim=1).double()
+            score[:, a : a + step] -= float(trajectory.lrs[t]) * gt @ jt.T
     return score.numpy()
 
 
