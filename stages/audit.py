@@ -115,10 +115,10 @@ def figure_removal_curve(curve: pd.DataFrame, path: Path) -> None:
     save_figure(fig, path)
 
 
-def synsets(paths: Paths, ds: Dataset) -> tuple[dict[str, torch.Tensor], np.ndarray, np.ndarray]:
-    """({kind: images (K * ipc, C, H, W) in [0, 1]}, cluster id and image number of each): the run's synsets, the
-    forward-matched ones when the baselines made them, and the real images matching started from."""
-    own = load_tensors(paths.stage("distill") / "synset.pt")
+def synsets(own: dict, paths: Paths, ds: Dataset) -> tuple[dict[str, torch.Tensor], np.ndarray, np.ndarray]:
+    """({kind: images (K * ipc, C, H, W) in [0, 1]}, cluster id and image number of each): the run's synsets
+    (`own`, distill's synset.pt), the forward-matched ones when the baselines made them, and the real images
+    matching started from."""
     k, ipc = own["images"].shape[:2]
     found = {
         own["direction"]: ds.denormalise(own["images"].flatten(0, 1)),
@@ -130,15 +130,15 @@ def synsets(paths: Paths, ds: Dataset) -> tuple[dict[str, torch.Tensor], np.ndar
     return found, np.repeat(own["cluster_ids"].numpy(), ipc), np.tile(np.arange(ipc), k)
 
 
-def privacy_report(params: Params, paths: Paths, ds: Dataset, figures: Path) -> tuple[pd.DataFrame, dict]:
-    """Per synset image its nearest training image and the leakage measures; per kind their means and the
-    membership-inference AUC (training vs as many held-out images)."""
+def privacy_report(params: Params, paths: Paths, ds: Dataset, synset: dict, figures: Path) -> tuple[pd.DataFrame, dict]:
+    """Per synset image (`synset`: the run's, and the forward-matched ones) its nearest training image and the
+    leakage measures; per kind their means and the membership-inference AUC (training vs as many held-out images)."""
     members = ds.denormalise(ds.x_train)
     non_members = ds.denormalise(ds.x_test)
     rng = np.random.default_rng([params.base.seed, 5])
     attacked = members[rng.choice(len(members), size=min(len(members), len(non_members)), replace=False)]
     frames, metrics, nearest = [], {}, {}
-    kinds, cluster_ids, image = synsets(paths, ds)
+    kinds, cluster_ids, image = synsets(synset, paths, ds)
     for kind, images in kinds.items():
         found = privacy.nearest_real(images, members, non_members)
         nearest[kind] = (images, members[found["nearest_index"]])

@@ -355,7 +355,7 @@ def run(params: Params, paths: Paths, out: Path) -> dict:
     write_parquet(
         ranking, out / "data_quality.parquet", "Clusters from the most harmful to the most helpful.", RANKING_COLUMNS
     )
-    leakage, measured = privacy_report(params, paths, ds, figures)
+    leakage, measured = privacy_report(params, paths, ds, synset, figures)
     write_parquet(
         leakage, out / "privacy.parquet", "What every synset image reveals of the training set.", PRIVACY_COLUMNS
     )
