@@ -4,8 +4,8 @@ first-order and the peer methods, and the removal curve (retraining without the 
 ranking, next to removing as much at random). Writes benchmarks/results/data_quality.json.
 
 No ground truth here (it would cost 284 retrainings): the removal step is the one calibrated on the clean
-digits_k50 run, and the methods that need a calibrated step of their own (gradient ascent, forward matching)
-are left out.
+digits_k50 run, and the methods that need a calibrated step of their own (the paper's DDM, gradient ascent,
+forward matching) are left out.
 
 Targets: detection AUC >= 0.9 and >= 70% of the flipped labels in the first 20%; removing the 10% least useful
 data does not lower the test accuracy while random removal does.
@@ -32,9 +32,12 @@ def noisy() -> dict:
     overrides["data"] = {"label_noise": {"fraction": 0.1, "mode": "uniform", "seed": 0}}
     overrides["data_quality"] = {"enabled": True}
     overrides["ground_truth"] = {"enabled": False}
-    clean = json.loads((WORK / "digits_k50" / "outputs" / "perturb" / "metrics.json").read_text())
+    calibrated = WORK / "digits_k50" / "outputs" / "perturb" / "metrics.json"
+    if not calibrated.is_file():
+        raise SystemExit(f"{calibrated} is missing: run `python benchmarks/quality.py digits_k50` first (its step)")
+    clean = json.loads(calibrated.read_text())
     overrides["perturb"] = {"step_size": clean["step_size"]}
-    needs_truth = {"gradient_ascent", "forward_matching"}
+    needs_truth = {"ddm_paper", "gradient_ascent", "forward_matching"}
     overrides["baselines"] = {"enabled": True, "methods": [m for m in BASELINES if m not in needs_truth]}
     return overrides
 
@@ -44,7 +47,7 @@ def main() -> None:
     detection = by_name(measured["report"], "data_quality")
     curve = pd.read_parquet(WORK / NAME / "outputs" / "data_quality" / "removal_curve.parquet")
     mean = curve.groupby(["strategy", "percent"])[["test_accuracy", "removed_fraction"]].mean().reset_index()
-    ddm = detection[next(m for m in detection if m.startswith("ddm_"))]
+    ddm = detection["ddm"]
     accuracy = {(r.strategy, r.percent): r.test_accuracy for r in mean.itertuples()}
     result = {
         "config": measured["overrides"],

@@ -20,6 +20,7 @@ from quality import RESULTS, WORK, config, run_config
 
 from ddm_ops.config import BASELINES
 from ddm_ops.data import DEBIAN_FASHION_MNIST
+from ddm_ops.peers import PEERS
 
 CONFIGS = ["digits_k50", "fashion_k100"]
 RESULT = RESULTS / "peers.json"
@@ -28,7 +29,7 @@ RESULT = RESULTS / "peers.json"
 def run(name: str) -> dict:
     """The config's run with its peer methods; the same project as quality.py's, so one of the two computes it."""
     methods = config(name).get("baselines", {}).get("methods", ())
-    if not {"tracin", "influence", "trak", "trak_ensemble", "ekfac"} & set(methods):
+    if not set(PEERS) & set(methods):
         raise SystemExit(f"benchmarks/configs/{name}.yaml: baselines.methods {methods} lacks the peer methods")
     measured = run_config(name)
     table = pd.read_parquet(WORK / name / "outputs" / "report" / "methods.parquet")

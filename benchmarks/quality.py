@@ -88,8 +88,14 @@ HEADLINE = [
     ("logo_margin_resampled", "LOGO vs resampled"),
     ("fidelity_dist1", "fidelity Dist1"),
 ]
-METHODS = ["ddm", "first_order", "gradient_ascent", "input_similarity", "class_indicator"]
+METHODS = ["ddm", "ddm_paper", "first_order", "gradient_ascent", "input_similarity", "class_indicator"]
 MAIN = ["digits_k50", "digits_k20", "fashion_k100", "digits_resnet18"]  # methods side by side; the rest are variants
+
+
+def ddm_name(report: dict) -> str:
+    """The run's own DDM in a report's keys: `ddm` (`ddm_reverse` / `ddm_forward` in results from before
+    2026-12-02; ddm_paper is a reference method)."""
+    return next(k.split(".")[0] for k in report if k.startswith(("ddm.", "ddm_reverse.", "ddm_forward.")))
 
 
 def _fmt(value) -> str:
@@ -101,7 +107,7 @@ def summary(results: dict) -> str:
     lines = []
     for name in [n for n in MAIN if n in results]:
         r = results[name]["report"]
-        ddm = next(k.split(".")[0] for k in r if k.startswith("ddm_"))
+        ddm = ddm_name(r)
         lines += [
             f"**{name}** (against the aligned ground truth; noise ceiling = one seed's truth against another's)",
             "",
@@ -137,7 +143,7 @@ def summary(results: dict) -> str:
         ]
         for name in variants:
             r = results[name]["report"]
-            ddm = next(k.split(".")[0] for k in r if k.startswith("ddm_"))
+            ddm = ddm_name(r)
             lines.append(
                 f"| {name} | {_fmt(r.get(ddm + '.lds_margin_aligned'))} | "
                 f"{_fmt(r.get(ddm + '.lds_class_margin_aligned'))} | {_fmt(r.get(ddm + '.logo_margin_aligned'))}"
@@ -154,7 +160,8 @@ def main(names: list[str]) -> None:
         print(f"== {name}", flush=True)
         results[name] = run_config(name)
         report = results[name]["report"]
-        for key in sorted(k for k in report if k.startswith("ddm_") and ("lds_" in k or "logo_margin_aligned" in k)):
+        ddm = ddm_name(report)
+        for key in sorted(k for k in report if k.startswith(ddm) and ("lds_" in k or "logo_margin_aligned" in k)):
             print(f"  {key}: {report[key]:.3f}", flush=True)
         RESULT.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
     RESULT.with_suffix(".md").write_text(summary(results))

@@ -9,7 +9,8 @@ import torch
 
 from ddm_ops.attribution import distances
 
-STEP_GRID = tuple(float(s) for s in np.geomspace(1e-5, 1e-1, 25))
+STEP_GRID = tuple(float(s) for s in np.geomspace(1e-5, 1e-1, 25))  # SGD learning rates
+NEWTON_STEP_GRID = tuple(float(s) for s in np.geomspace(1e-3, 10, 25))  # multiples of the influence-function step
 
 
 def dist1_to(truth: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
@@ -26,5 +27,5 @@ def calibrate_step(
     truth (n, M, C) holds the logits of the models retrained without them. Returns the step and the curve.
     """
     curve = [{"step_size": s, "dist1": float(dist1_to(truth, remove(s)).mean())} for s in grid]
-    best = min(curve, key=lambda row: row["dist1"])
+    best = min(curve, key=lambda row: row["dist1"] if np.isfinite(row["dist1"]) else np.inf)  # overflowed: worst
     return best["step_size"], curve

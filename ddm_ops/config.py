@@ -135,10 +135,20 @@ class TrainParams(_Block):
     epochs: PositiveInt = 30
     batch_size: PositiveInt = 64
     lr: PositiveFloat = 0.05
-    momentum: float = Field(0.0, ge=0.0, lt=1.0)
-    weight_decay: float = Field(0.0, ge=0.0)
+    momentum: float = Field(0.0, description="Must be 0: the trajectory's cluster gradients assume plain SGD.")
+    weight_decay: float = Field(0.0, description="Must be 0: the trajectory's cluster gradients assume plain SGD.")
     lr_schedule: Literal["constant", "cosine"] = "constant"
     checkpoint_every: PositiveInt = Field(2, description="Epochs between saved trajectory checkpoints.")
+
+    @field_validator("momentum", "weight_decay")
+    @classmethod
+    def _plain_sgd(cls, value: float) -> float:
+        if value != 0:
+            raise ValueError(
+                "allowed: 0 (the cluster gradients along the trajectory, G_t = (epochs/batch) Σ ∇loss_i, and the "
+                "curvature assume plain SGD; momentum and weight decay would make them the wrong update)"
+            )
+        return value
 
 
 class RecordTrajectoryParams(_Block):
@@ -152,14 +162,30 @@ class ClusterParams(_Block):
 
 
 class DistillParams(_Block):
-    ipc: PositiveInt = Field(2, description="Synthetic images per cluster.")
-    iterations: PositiveInt = 100
+    ipc: PositiveInt = Field(8, description="Synthetic images per cluster.")
+    iterations: PositiveInt = 200
     lr: PositiveFloat = Field(0.05, description="Adam learning rate of the synthetic images.")
     label_lr: float = Field(
         0.05, ge=0.0, description="Adam learning rate of the soft-label logits; 0 keeps hard labels."
     )
-    pairing: Literal["mirrored", "lifo"] = "mirrored"
-    direction: Literal["reverse", "forward"] = "reverse"
+    pairing: Literal["checkpoint", "mirrored", "lifo"] = Field(
+        "checkpoint",
+        description="checkpoint: the synset's gradient at each of the last `checkpoints` checkpoints is matched to "
+        "the cluster's gradient at that same checkpoint, where the removal uses it; mirrored (the paper's formula) "
+        "and lifo: the synset walks the whole trajectory backwards from θ_T, paired with segment t (mirrored) or "
+        "T-1-t (lifo)",
+    )
+    checkpoints: PositiveInt = Field(
+        5,
+        description="pairing checkpoint, and perturb.update ekfac: the last this many trajectory checkpoints "
+        "(θ_T included) where synsets are matched and removals made",
+    )
+    direction: Literal["forward", "reverse"] = Field(
+        "forward",
+        description="forward: the synset's gradient imitates the cluster's, and removal steps against it; reverse: "
+        "it is matched to minus the cluster's (the paper), and removal descends it. At one checkpoint the two give "
+        "the same removal, and +G is far easier to match (cosine 0.9 vs 0.03-0.4 on digits)",
+    )
     magnitude_weight: float = Field(
         1.0, ge=0.0, description="Weight of the gradient-norm term next to the cosine term."
     )
@@ -203,9 +229,25 @@ class GroundTruthParams(_Block):
 
 
 class PerturbParams(_Block):
-    n_u: PositiveInt = Field(3, description="SGD steps on the synset that remove one cluster.")
+    update: Literal["ekfac", "sgd"] = Field(
+        "ekfac",
+        description="ekfac: at each of the last distill.checkpoints checkpoints θ_t, one Newton step "
+        "θ_t - s·H_t^-1·∇L(θ_t; synset) with H_t the EK-FAC curvature of the training loss (stage curvature), "
+        "the removed model's output change averaged over the checkpoints; sgd: the paper's n_u plain SGD steps "
+        "on the synset from θ_T",
+    )
+    n_u: PositiveInt = Field(3, description="update sgd: SGD steps on the synset that remove one cluster.")
     step_size: PositiveFloat | Literal["auto"] = Field(
-        0.0002, description="Learning rate of each removal step; auto fits it on the calibration clusters."
+        0.02,
+        description="s. ekfac: in units of the influence-function step (1 removes the cluster's share of the mean "
+        "training loss to first order, for synsets matched with pairing checkpoint; 0.02 calibrated on digits "
+        "K=50); sgd: the learning rate of each step (2e-4 calibrated on digits K=50); auto fits it on the "
+        "calibration clusters",
+    )
+    damping: PositiveFloat = Field(
+        0.01,
+        description="update ekfac: added to every curvature eigenvalue, as a fraction of their mean (0.1 is "
+        "Kronfluence's heuristic)",
     )
 
 
@@ -218,6 +260,7 @@ class AttributeParams(_Block):
 
 
 BASELINES = (
+    "ddm_paper",
     "first_order",
     "gradient_ascent",
     "forward_matching",
@@ -226,6 +269,7 @@ BASELINES = (
     "trak",
     "trak_ensemble",
     "ekfac",
+    "ekfac_ensemble",
 )
 
 
@@ -233,12 +277,16 @@ class BaselinesParams(_Block):
     enabled: bool = Field(False, description="Compute the reference methods next to DDM.")
     methods: tuple[Literal[BASELINES], ...] = Field(  # type: ignore[valid-type]
         ("first_order", "gradient_ascent"),
-        description="Methods next to DDM (class_indicator and input_similarity always): first_order, "
-        "gradient_ascent, forward_matching (DDM's predecessor), and from the peers extra tracin, influence, trak "
-        "(one model), trak_ensemble, ekfac",
+        description="Methods next to DDM (class_indicator and input_similarity always): ddm_paper (the paper's "
+        "DDM: mirrored pairing, plain SGD removal, step calibrated), first_order, gradient_ascent, forward_matching "
+        "(DDM's predecessor), and from the peers extra tracin, influence, trak (one model), trak_ensemble, ekfac, "
+        "ekfac_ensemble",
     )
     gradient_ascent_steps: PositiveInt = Field(3, description="Ascent steps on the real cluster from θ_T.")
     trak_models: int = Field(5, ge=2, description="trak_ensemble: the last this many checkpoints of the trajectory.")
+    ekfac_models: int = Field(
+        5, ge=2, description="ekfac_ensemble: EK-FAC at the last this many checkpoints, scores averaged."
+    )
     influence_damping: float = Field(
         0.0, ge=0.0, description="influence (Arnoldi): damping added to the Hessian (dattri's default 0)."
     )
@@ -290,11 +338,17 @@ class Params(_Block):
             raise ValueError(
                 "perturb.step_size = 'auto' needs ground_truth.enabled: true and ground_truth.calibration_clusters > 0"
             )
-        calibrated = sorted({"gradient_ascent", "forward_matching"} & set(self.baselines.methods))
+        calibrated = sorted({"ddm_paper", "gradient_ascent", "forward_matching"} & set(self.baselines.methods))
         if self.baselines.enabled and calibrated and not (gt.enabled and gt.calibration_clusters > 0):
             raise ValueError(
                 f"baselines.methods = {calibrated} needs ground_truth.enabled: true and "
                 "ground_truth.calibration_clusters > 0 (their removal step is calibrated like DDM's)"
+            )
+        saved = -(-self.train.epochs // self.train.checkpoint_every) + 1
+        if self.distill.checkpoints > saved:
+            raise ValueError(
+                f"distill.checkpoints = {self.distill.checkpoints}: the trajectory has only {saved} checkpoints "
+                f"(train.epochs {self.train.epochs} / train.checkpoint_every {self.train.checkpoint_every}, plus θ_T)"
             )
         if self.data_quality.enabled and "loss" not in self.attribute.objectives:
             raise ValueError(

@@ -9,10 +9,10 @@ import torch
 from torch import nn
 
 from ddm_ops.config import DistillParams
-from ddm_ops.functional import batched_grads
+from ddm_ops.functional import Weights, batched_grads
 from ddm_ops.matching import gradient_distance
 from ddm_ops.train import DivergenceError
-from ddm_ops.trajectory import Trajectory, cluster_gradients
+from ddm_ops.trajectory import Trajectory, checkpoint_gradients, cluster_gradients
 
 log = logging.getLogger(__name__)
 
@@ -27,20 +27,30 @@ class Synset:
     labels: torch.Tensor
 
 
-def matching_pairs(segments: int, pairing: str, direction: str) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """(synset checkpoint indices, real segment indices, sign of the real-gradient target).
+def matching_targets(
+    model: nn.Module, trajectory: Trajectory, x: torch.Tensor, y: torch.Tensor, params: DistillParams
+) -> tuple[torch.Tensor, Weights]:
+    """(checkpoint indices where the synset's gradient is taken, the real-gradient targets stacked alike).
 
-    reverse: the synset walks the trajectory backwards from θ_T, step r at θ_{T-r}; `mirrored` pairs it
-    with segment r (the formula Σ_t ||∇L(θ_{τ-t}; S) + ∇L(θ_t; D)||), `lifo` with segment T-1-r (the latest
-    update is undone first). The target is minus the real gradient. forward: classic gradient matching,
-    the synset at θ_t matched to +the real gradient of segment t.
+    checkpoint: the last `params.checkpoints` checkpoints θ_t, each paired with the cluster's gradient at the same
+    θ_t (checkpoint_gradients), where the removal will use the synset. reverse, mirrored / lifo: the synset walks
+    the trajectory backwards from θ_T, step r at θ_{T-r}; `mirrored` pairs it with segment r (the formula
+    Σ_t ||∇L(θ_{τ-t}; S) + ∇L(θ_t; D)||), `lifo` with segment T-1-r (the latest update is undone first);
+    forward (classic gradient matching), the synset at θ_t matched to segment t. The reverse target is minus the
+    real gradient, the forward target the real gradient.
     """
-    r = torch.arange(segments)
-    if direction == "forward":
-        return r, r, 1.0
-    syn = segments - r
-    real = r if pairing == "mirrored" else segments - 1 - r
-    return syn, real, -1.0
+    sign = 1.0 if params.direction == "forward" else -1.0
+    if params.pairing == "checkpoint":
+        index = trajectory.last(params.checkpoints)
+        real = checkpoint_gradients(model, trajectory, index, x, y)
+        return index, {k: sign * g for k, g in real.items()}
+    real = cluster_gradients(model, trajectory, x, y)
+    r = torch.arange(trajectory.segments)
+    if params.direction == "forward":
+        syn, seg = r, r
+    else:
+        syn, seg = trajectory.segments - r, (r if params.pairing == "mirrored" else trajectory.segments - 1 - r)
+    return syn, {k: sign * g[seg] for k, g in real.items()}
 
 
 def removal_sign(direction: str) -> float:
@@ -55,7 +65,6 @@ def distill_cluster(
     init_images: torch.Tensor,
     num_classes: int,
     params: DistillParams,
-    seed: int,
     name: str = "cluster",
 ) -> tuple[Synset, list[float]]:
     """Learn one cluster's synset; return it and the matching loss per iteration.
@@ -65,10 +74,7 @@ def distill_cluster(
     """
     x, y = members
     label = int(y[0])
-    torch.manual_seed(seed)
-    real = cluster_gradients(model, trajectory, x, y)
-    syn_idx, real_idx, sign = matching_pairs(trajectory.segments, params.pairing, params.direction)
-    target = {k: sign * g[real_idx] for k, g in real.items()}
+    syn_idx, target = matching_targets(model, trajectory, x, y, params)
     p_syn, b_syn = trajectory.at(syn_idx)
 
     images = init_images.clone().requires_grad_(True)

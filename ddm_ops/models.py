@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -138,10 +139,21 @@ def check_model_fits(params: ModelParams, in_shape: tuple[int, int, int]) -> Non
         raise ParamsError(f"model.patch_size = {params.patch_size}: vit needs square images it divides, got {h}x{w}")
 
 
+_RNG_LOCK = threading.Lock()  # layers draw their initial weights from torch's one process-wide generator
+
+
 def build_model(params: ModelParams, in_shape: tuple[int, int, int], num_classes: int, seed: int) -> nn.Module:
-    """Build the configured model with its initial weights drawn from `seed`."""
+    """Build the configured model with its initial weights drawn from `seed`.
+
+    Safe under threads: the global generator is seeded and drawn from while no other thread builds a model, and
+    the caller's generator state is restored afterwards (`fork_rng`)."""
     check_model_fits(params, in_shape)
-    torch.manual_seed(seed)
+    with _RNG_LOCK, torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return _construct(params, in_shape, num_classes)
+
+
+def _construct(params: ModelParams, in_shape: tuple[int, int, int], num_classes: int) -> nn.Module:
     if params.name == "convnet":
         return ConvNet(in_shape, num_classes, params.width, params.depth, params.norm)
     if params.name == "mlp":

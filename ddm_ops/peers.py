@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from ddm_ops.config import ParamsError
 from ddm_ops.objectives import OBJECTIVES
 
-PEERS = ("tracin", "influence", "trak", "trak_ensemble", "ekfac")
+PEERS = ("tracin", "influence", "trak", "trak_ensemble", "ekfac", "ekfac_ensemble")
 INSTALL = "pip install -c constraints.txt -e '.[peers]'"
 
 
@@ -33,7 +33,7 @@ def check_installed(methods: list[str]) -> None:
     """Raise ParamsError before any work when a requested peer's library is missing."""
     needed = {"tracin": "dattri", "influence": "dattri", "trak": "dattri", "trak_ensemble": "dattri"}
     for method in methods:
-        module = needed.get(method, "kronfluence" if method == "ekfac" else None)
+        module = needed.get(method, "kronfluence" if method.startswith("ekfac") else None)
         if module is None:
             continue
         try:

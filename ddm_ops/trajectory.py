@@ -49,20 +49,42 @@ class Trajectory:
             mv(self.params), mv(self.buffers), self.lrs.to(device), self.epochs.to(device), self.batch_size
         )
 
+    def last(self, n: int) -> torch.Tensor:
+        """Indices of the last n checkpoints, θ_T included."""
+        count = len(self.lrs) + 1
+        return torch.arange(max(0, count - n), count)
+
 
 @torch.no_grad()
+def summed_gradients(
+    model: nn.Module, params: Weights, buffers: Weights, x: torch.Tensor, y: torch.Tensor, batch: int
+) -> Weights:
+    """Σ_i ∇loss_i over the samples (x, y) at each of a stack of weight sets, `batch` samples a pass (memory; and
+    the batches BatchNorm normalises over in train mode)."""
+    total: Weights = {}
+    for xs, ys in zip(x.split(batch), y.split(batch)):
+        for k, g in batched_grads(model, params, buffers, xs, ys).items():  # mean over the batch
+            total[k] = total[k] + g * len(xs) if k in total else g * len(xs)
+    return total
+
+
 def cluster_gradients(model: nn.Module, trajectory: Trajectory, x: torch.Tensor, y: torch.Tensor) -> Weights:
     """The cluster's real gradient in each segment, with its true magnitude, stacked (T, ...).
 
     G_t = (epochs_t / batch_size) * sum_i grad loss_i(θ_t): the cluster's share of the gradient that SGD applied
     during segment t (each member is seen once per epoch, and every batch loss is divided by the batch size).
-    Members are taken a training batch at a time (memory; and the batches BatchNorm normalises over in train mode).
     """
-    seg = torch.arange(trajectory.segments)
-    params, buffers = trajectory.at(seg)
-    total: Weights = {}
-    for xs, ys in zip(x.split(trajectory.batch_size), y.split(trajectory.batch_size)):
-        for k, g in batched_grads(model, params, buffers, xs, ys).items():  # mean over the batch
-            total[k] = total[k] + g * len(xs) if k in total else g * len(xs)
+    params, buffers = trajectory.at(torch.arange(trajectory.segments))
+    total = summed_gradients(model, params, buffers, x, y, trajectory.batch_size)
     scale = trajectory.epochs.to(x.device) / trajectory.batch_size
     return {k: g * scale.view(-1, *([1] * (g.dim() - 1))) for k, g in total.items()}
+
+
+def checkpoint_gradients(
+    model: nn.Module, trajectory: Trajectory, index: torch.Tensor, x: torch.Tensor, y: torch.Tensor
+) -> Weights:
+    """The cluster's gradient at the checkpoints `index`, stacked: (1 / batch_size) * sum_i grad loss_i(θ_t), its
+    share of one epoch of SGD there (batch_size / N times its share of the mean training loss's gradient)."""
+    params, buffers = trajectory.at(index)
+    total = summed_gradients(model, params, buffers, x, y, trajectory.batch_size)
+    return {k: g / trajectory.batch_size for k, g in total.items()}

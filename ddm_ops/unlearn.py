@@ -1,4 +1,5 @@
-"""Online removal: from θ_T, n_u SGD steps on a synset give θ_{-κ}; batched over many removals at once."""
+"""Online removal of clusters by their synsets, batched over many removals at once: the paper's n_u SGD steps from
+θ_T, or a Newton step preconditioned by the training loss's curvature at a checkpoint."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from ddm_ops.curvature import Factors, precondition
 from ddm_ops.functional import Weights, batched_grads, math_attention
 from ddm_ops.models import evaluating
 
@@ -33,6 +35,32 @@ def unlearn(
             g = batched_grads(model, p, b, images, labels, data_batched=True)
             p = {k: p[k] - sign * step_size * g[k] for k in p}
     return p
+
+
+def newton_removal(
+    model: nn.Module,
+    params: Weights,
+    buffers: Weights,
+    factors: Factors,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    step_size: float,
+    damping: float,
+    sign: float = 1.0,
+) -> Weights:
+    """Remove each of R groups from the checkpoint (params, buffers) by one preconditioned step.
+
+    θ <- θ - sign * step_size * (F + damping)^-1 ∇L(θ; S) with F the EK-FAC curvature `factors` of the training loss
+    at this checkpoint; only the layers the factors cover move. images (R, n, C, H, W) and soft labels
+    (R, n, classes) hold one synset (or union of synsets) per removal. Returns the R removed models stacked.
+    """
+    r = len(images)
+    p = {k: v.expand(r, *v.shape) for k, v in params.items()}
+    b = {k: v.expand(r, *v.shape) for k, v in buffers.items()}
+    with torch.no_grad():
+        g = batched_grads(model, p, b, images, labels, data_batched=True)
+        step = precondition(factors, g, damping)
+        return {k: p[k] - sign * step_size * step[k] if k in step else p[k] for k in p}
 
 
 @torch.no_grad()

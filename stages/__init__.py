@@ -5,6 +5,7 @@ STAGES = (
     "record_trajectory",
     "cluster",
     "distill",
+    "curvature",
     "ground_truth",
     "perturb",
     "attribute",

@@ -15,6 +15,7 @@ from ddm_ops.data import Dataset
 from ddm_ops.data_quality import accuracy_effects, cluster_effects, detection, harmful_first
 from stages.attribute import logits_table
 from stages.common import Paths, RunTables, load_tensors, pyplot, save_figure, show_image, show_pixels
+from stages.quality import DDM
 
 RANKING_COLUMNS = {
     "rank": "1 = the most harmful cluster",
@@ -26,7 +27,8 @@ RANKING_COLUMNS = {
     "accuracy_effect": "drop of the test accuracy when the cluster is removed (negative: removing it helps)",
 }
 PRIVACY_COLUMNS = {
-    "synset": "reverse (DDM), forward (forward gradient matching) or init (the real images matching starts from)",
+    "synset": "ddm (the run's synsets), forward_matching (the baseline's) or init (the real images matching starts "
+    "from)",
     "cluster_id": "cluster",
     "image": "image of the cluster's synset",
     "nearest_train_index": "position in the training split of the nearest training image (L2)",
@@ -67,7 +69,7 @@ def data_quality(params: Params, tables: RunTables, ds: Dataset, figures: Path) 
     )
     metrics: dict = {}
     if noisy.any():
-        methods = {f"ddm_{params.distill.direction}": effects}
+        methods = {DDM: effects}
         for name, table in tables.baselines.groupby("method"):
             if "loss" in set(table["objective"]):
                 methods[name] = cluster_effects(_loss_scores(table))
@@ -121,12 +123,12 @@ def synsets(own: dict, paths: Paths, ds: Dataset) -> tuple[dict[str, torch.Tenso
     matching started from."""
     k, ipc = own["images"].shape[:2]
     found = {
-        own["direction"]: ds.denormalise(own["images"].flatten(0, 1)),
+        "ddm": ds.denormalise(own["images"].flatten(0, 1)),
         "init": ds.denormalise(ds.x_train[own["init_index"].flatten()]),
     }
     forward = load_tensors(paths.stage("baselines") / "forward_synset.pt")
-    if forward and "forward" not in found:
-        found["forward"] = ds.denormalise(forward["images"].flatten(0, 1))
+    if forward and forward["images"].shape == own["images"].shape:  # the same images per cluster: one table
+        found["forward_matching"] = ds.denormalise(forward["images"].flatten(0, 1))
     return found, np.repeat(own["cluster_ids"].numpy(), ipc), np.tile(np.arange(ipc), k)
 
 
@@ -165,7 +167,7 @@ def privacy_report(params: Params, paths: Paths, ds: Dataset, synset: dict, figu
 def figure_privacy(nearest: dict[str, tuple[torch.Tensor, torch.Tensor]], ds: Dataset, path: Path, n: int = 8) -> None:
     """Synset images (top row of each pair) above their nearest training images, for each kind of synset."""
     plt = pyplot()
-    kinds = [k for k in ("reverse", "forward", "init") if k in nearest]
+    kinds = [k for k in ("ddm", "forward_matching", "init") if k in nearest]
     step = max(1, len(nearest[kinds[0]][0]) // n)
     fig, axes = plt.subplots(2 * len(kinds), n, figsize=(1.0 * n, 1.1 * 2 * len(kinds)), squeeze=False)
     for r, kind in enumerate(kinds):

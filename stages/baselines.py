@@ -1,11 +1,11 @@
 """Stage baselines: the methods DDM is compared with, on the same clusters, judged by the same ground truth.
 
-Always the trivial class indicator and input similarity; then those in `baselines.methods`: the first-order
-trajectory estimate, gradient ascent on the real cluster from θ_T, forward gradient matching (DDM's predecessor:
-synsets that imitate the cluster, removed by ascent), and from the `peers` extra dattri's TracIn, influence function
-and TRAK (one model, and an ensemble of checkpoints) and Kronfluence's EK-FAC (per-sample scores summed over each
-cluster). Every method's offline and online seconds and peak memory go to costs.parquet. Disabled, the stage writes
-empty tables.
+Always the trivial class indicator and input similarity; then those in `baselines.methods`: the paper's DDM, the
+first-order trajectory estimate, gradient ascent on the real cluster from θ_T, forward gradient matching (DDM's
+predecessor: synsets that imitate the cluster, removed by ascent), and from the `peers` extra dattri's TracIn,
+influence function and TRAK (one model, and an ensemble of checkpoints) and Kronfluence's EK-FAC (at θ_T, and an
+ensemble of checkpoints; per-sample scores summed over each cluster). Every method's offline and online seconds
+and peak memory go to costs.parquet. Disabled, the stage writes empty tables.
 """
 
 from __future__ import annotations
@@ -66,6 +66,7 @@ COST_COLUMNS = {
     "peak_memory_mb": "peak extra resident memory of the method (MiB)",
 }
 SCORED_OBJECTIVES = ("margin", "loss")  # what the quality metrics read; the gradient methods compute only these
+PAPER = {"pairing": "mirrored", "ipc": 2, "iterations": 100}  # the paper's DDM as this project first ran it
 
 
 def _long(method: str, matrix: np.ndarray, cluster_ids: np.ndarray, test_index: np.ndarray, objective: str):
@@ -188,18 +189,35 @@ class Methods:
         self.add("gradient_ascent", matrices, offline, online, record["memory"])
         self.step_sizes["gradient_ascent"] = step
 
-    def forward_matching(self) -> None:
-        """DDM's predecessor: synsets by classic (forward) gradient matching, removed by ascent, step calibrated."""
+    def synset_method(self, method: str, distill: dict, perturb: dict) -> dict:
+        """A DDM variant: synsets distilled with `distill` overrides, removed with `perturb` overrides, step
+        calibrated on the calibration clusters. Returns the synset."""
         p = self.params
-        forward = p.model_copy(update={"distill": p.distill.model_copy(update={"direction": "forward"})})
-        synset, _, distilled = distill_all(forward, self.paths, self.out / "forward_clusters")
-        torch.save(synset, self.out / "forward_synset.pt")  # also read by the privacy report
-        removal = remove_all(forward, self.paths, synset, "auto")
+        variant = p.model_copy(
+            update={
+                "distill": p.distill.model_copy(update=distill),
+                "perturb": p.perturb.model_copy(update={**perturb, "step_size": "auto"}),
+            }
+        )
+        synset, _, distilled = distill_all(variant, self.paths, self.out / f"{method}_clusters")
+        removal = remove_all(variant, self.paths, synset, "auto")
         logits = removal["logits"]
-        matrices = self.removed_models("forward_matching", logits[1:], logits[0])
+        matrices = self.removed_models(method, logits[1:], logits[0])
         memory = max(distilled["distill_peak_memory_mb"], removal["online_peak_memory_mb"])
-        self.add("forward_matching", matrices, distilled["distill_seconds"], removal["online_seconds"], memory)
-        self.step_sizes["forward_matching"] = removal["step_size"]
+        self.add(method, matrices, distilled["distill_seconds"], removal["online_seconds"], memory)
+        self.step_sizes[method] = removal["step_size"]
+        return synset
+
+    def forward_matching(self) -> None:
+        """DDM's predecessor: classic gradient matching along the whole trajectory (the synset at θ_t imitates
+        segment t), removed by n_u SGD ascent steps from θ_T; sizes as the paper's DDM."""
+        synset = self.synset_method("forward_matching", {**PAPER, "direction": "forward"}, {"update": "sgd"})
+        torch.save(synset, self.out / "forward_synset.pt")  # also read by the privacy report
+
+    def ddm_paper(self) -> None:
+        """The paper's DDM: reverse matching along the whole trajectory (mirrored pairing) and removal by n_u plain
+        SGD steps from θ_T."""
+        self.synset_method("ddm_paper", {**PAPER, "direction": "reverse"}, {"update": "sgd"})
 
     def peer(self, method: str) -> None:
         """A library's per-sample scores (N, M), summed over each cluster."""
@@ -216,8 +234,11 @@ class Methods:
         elif method == "trak_ensemble":
             states = [c.state for c in self.checkpoints[-self.params.baselines.trak_models :]]
             run = lambda o, ph: peers.trak(model, states, train, test, o, ph)  # noqa: E731
-        else:
+        elif method == "ekfac":
             run = lambda o, ph: peers.ekfac(model, final, train, test, o, ph)  # noqa: E731
+        else:  # ekfac_ensemble: EK-FAC at each of the last checkpoints, scores averaged
+            states = [c.state for c in self.checkpoints[-self.params.baselines.ekfac_models :]]
+            run = lambda o, ph: np.mean([peers.ekfac(model, s, train, test, o, ph) for s in states], 0)  # noqa: E731
         record: dict = {}
         matrices, phases = {}, []
         with peak_memory(record, "memory"):

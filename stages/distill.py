@@ -59,7 +59,6 @@ def distill_one(root: str, params: dict, cluster_id: int, work: str) -> dict:
             ds.x_train[init].to(device),
             ds.num_classes,
             p.distill,
-            seed=p.base.seed * 100_003 + cluster_id,
             name=f"cluster {cluster_id}",
         )
         folder.mkdir(parents=True, exist_ok=True)

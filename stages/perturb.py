@@ -1,4 +1,5 @@
-"""Stage perturb: remove every cluster from θ_T by n_u SGD steps on its synset; record each θ_{-κ}'s test logits.
+"""Stage perturb: remove every cluster by its synset (a curvature-preconditioned step at the last checkpoints, or the
+paper's n_u SGD steps from θ_T); record each θ_{-κ}'s test logits.
 
 With `perturb.step_size: auto` the step size is first fitted on the ground truth's calibration clusters
 (the step whose removed models are closest to the retrained ones) and written to calibration.parquet.
@@ -13,22 +14,35 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ddm_ops.calibration import calibrate_step
+from ddm_ops.calibration import NEWTON_STEP_GRID, STEP_GRID, calibrate_step
 from ddm_ops.config import Params
+from ddm_ops.curvature import damping_value, from_state
 from ddm_ops.devices import resolve_device, synchronize
 from ddm_ops.distill import removal_sign
 from ddm_ops.functional import split_state
 from ddm_ops.models import functional_mode
-from ddm_ops.unlearn import outputs_of, unlearn
-from stages.common import Paths, dataset, load_ground_truth, load_tensors, new_model, peak_memory, write_parquet
+from ddm_ops.train import DivergenceError
+from ddm_ops.unlearn import newton_removal, outputs_of, unlearn
+from stages.common import (
+    Paths,
+    dataset,
+    load_checkpoints,
+    load_ground_truth,
+    load_tensors,
+    new_model,
+    peak_memory,
+    write_parquet,
+)
 
 BASE = -1  # cluster_id of the unperturbed target θ_T in outputs.parquet
 WEIGHTS_PER_PASS = 50_000_000  # removals are batched so that their stacked weights stay below this many numbers
 
 
 def remove_all(params: Params, paths: Paths, synset: dict, step: float | str) -> dict:
-    """Remove every cluster from θ_T by its synset; θ_T's and every θ_{-κ}'s test logits.
+    """Remove every cluster by its synset (perturb.update); θ_T's and every θ_{-κ}'s test logits.
 
+    sgd: n_u SGD steps from θ_T. ekfac: at each checkpoint of the curvature stage a Newton step; the removed
+    model's logits are θ_T's plus the mean over those checkpoints of (removed - checkpoint) logits.
     With `step` "auto" the step size is first fitted on the ground truth's calibration clusters. Returns logits
     (1 + K, M, C) on the CPU (θ_T first), the step, the calibration curve (or None), and the seconds and peak
     memory of the online work (the removals and the removed models' test outputs).
@@ -40,37 +54,82 @@ def remove_all(params: Params, paths: Paths, synset: dict, step: float | str) ->
     theta, buffers = split_state(model, {k: v.to(device) for k, v in state.items()})
     x_test = ds.x_test.to(device)
     images, labels = synset["images"].to(device), synset["labels"].to(device)
-    sign, n_u = removal_sign(synset["direction"]), params.perturb.n_u
+    sign = removal_sign(synset["direction"])
     per_pass = max(1, WEIGHTS_PER_PASS // sum(v.numel() for v in theta.values()))
+    if params.perturb.update == "ekfac":
+        points = _curvature_points(params, paths, model, device)
+        unit = params.train.batch_size / len(ds.x_train)  # the influence-function step for checkpoint-paired synsets
+
+    def removed_logits(part: np.ndarray, step: float) -> tuple[torch.Tensor, float]:
+        """Test logits of the removed models of one pass, and the seconds their weight updates took."""
+        start = time.perf_counter()
+        if params.perturb.update == "sgd":
+            removed = unlearn(model, theta, buffers, images[part], labels[part], params.perturb.n_u, step, sign)
+            synchronize(device)
+            seconds = time.perf_counter() - start
+            return outputs_of(model, removed, buffers, x_test), seconds
+        change, seconds = 0.0, 0.0
+        for weights, bufs, factors in points:
+            start = time.perf_counter()
+            damping = damping_value(factors, params.perturb.damping)
+            removed = newton_removal(
+                model, weights, bufs, factors, images[part], labels[part], step * unit, damping, sign
+            )
+            synchronize(device)
+            seconds += time.perf_counter() - start
+            at = outputs_of(model, {k: v[None] for k, v in weights.items()}, bufs, x_test)
+            change = change + outputs_of(model, removed, bufs, x_test) - at
+        return base + change / len(points), seconds
 
     def remove(rows: np.ndarray, step: float) -> tuple[torch.Tensor, float]:
         """Test logits of the models with each row's synset removed, and the seconds the removal steps took."""
         logits, seconds = [], 0.0
         for part in np.array_split(rows, -(-len(rows) // per_pass)):
             synchronize(device)
-            start = time.perf_counter()
-            removed = unlearn(model, theta, buffers, images[part], labels[part], n_u, step, sign)
-            synchronize(device)
-            seconds += time.perf_counter() - start
-            logits.append(outputs_of(model, removed, buffers, x_test))
+            out, took = removed_logits(part, step)
+            logits.append(out)
+            seconds += took
         return torch.cat(logits), seconds
 
+    base = outputs_of(model, {k: v[None] for k, v in theta.items()}, buffers, x_test)
     curve = None
     if step == "auto":
         gt = load_ground_truth(paths, params)
         truth = torch.from_numpy(gt.cluster[gt.aligned_seed][gt.calibration]).to(device)
-        step, curve = calibrate_step(lambda s: remove(gt.calibration, s)[0], truth)
+        grid = STEP_GRID if params.perturb.update == "sgd" else NEWTON_STEP_GRID
+        step, curve = calibrate_step(lambda s: remove(gt.calibration, s)[0], truth, grid)
     remove(np.arange(1), step)  # one-off warm-up, not part of the timed online work
     result: dict = {"step_size": step, "calibration": curve}
     with peak_memory(result, "online_peak_memory_mb"):
         synchronize(device)
         start = time.perf_counter()
-        removed_logits, result["removal_seconds"] = remove(np.arange(len(images)), step)
         base = outputs_of(model, {k: v[None] for k, v in theta.items()}, buffers, x_test)
+        removed, result["removal_seconds"] = remove(np.arange(len(images)), step)
         synchronize(device)
         result["online_seconds"] = time.perf_counter() - start
-    result["logits"] = torch.cat([base, removed_logits]).cpu()
+    bad = (~torch.isfinite(removed)).flatten(1).any(1)
+    if bad.any():
+        cluster = int(synset["cluster_ids"][int(torch.nonzero(bad)[0])])
+        raise DivergenceError(
+            f"perturb: the model with cluster {cluster} removed has non-finite test outputs (update "
+            f"{params.perturb.update}, step_size {step}); lower perturb.step_size"
+            + (" or raise perturb.damping" if params.perturb.update == "ekfac" else "")
+        )
+    result["logits"] = torch.cat([base, removed]).cpu()
     return result
+
+
+def _curvature_points(params: Params, paths: Paths, model: torch.nn.Module, device: torch.device) -> list[tuple]:
+    """(params, buffers, factors) of each checkpoint the curvature stage fitted, on `device`."""
+    state = load_tensors(paths.stage("curvature") / "factors.pt")
+    if not state["factors"]:
+        raise ValueError(f"{paths.stage('curvature') / 'factors.pt'} holds no factors; rerun the curvature stage")
+    checkpoints = load_checkpoints(paths.stage("train_target") / "checkpoints")
+    points = []
+    for i, factors in zip(state["checkpoints"].tolist(), state["factors"]):
+        weights, bufs = split_state(model, {k: v.to(device) for k, v in checkpoints[i].state.items()})
+        points.append((weights, bufs, [f.to(device) for f in from_state(factors)]))
+    return points
 
 
 def run(params: Params, paths: Paths, out: Path) -> dict:

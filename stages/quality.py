@@ -15,6 +15,8 @@ from stages.baselines import COST_COLUMNS
 from stages.common import Paths, RunTables, load_ground_truth, pyplot, read_parquet, save_figure
 from stages.perturb import BASE
 
+DDM = "ddm"  # the run's own method in every table; ddm_paper is the paper's DDM as a reference method
+
 
 def _matrices(table: pd.DataFrame) -> dict[str, np.ndarray]:
     """{objective: (K, M) score matrix} from a long scores table, clusters and test samples in ascending order."""
@@ -25,11 +27,10 @@ def _matrices(table: pd.DataFrame) -> dict[str, np.ndarray]:
 
 
 def methods(tables: RunTables, params: Params) -> tuple[dict[str, Method], np.ndarray]:
-    """DDM (named after its direction) and every reference method present; and θ_T's test logits."""
+    """DDM (the run's own, named `ddm`) and every reference method present; and θ_T's test logits."""
     ids, _, logits = logits_table(tables.outputs)
     assert ids[0] == BASE
-    ddm = f"ddm_{params.distill.direction}"
-    found = {ddm: Method(_matrices(tables.attribution), logits[1:].numpy().astype(np.float64))}
+    found = {DDM: Method(_matrices(tables.attribution), logits[1:].numpy().astype(np.float64))}
     outputs = tables.baseline_outputs
     for name, table in tables.baselines.groupby("method"):
         made = outputs[outputs["method"] == name].drop(columns="method")
@@ -68,12 +69,12 @@ METHOD_COLUMNS = {
 
 def methods_table(results: dict, paths: Paths, stage_metrics: dict, ddm: str) -> pd.DataFrame:
     """One row per method: headline quality against the aligned ground truth, offline and online seconds, peak
-    memory. DDM's costs are its distill stage (offline) and its perturb + attribute stages (online)."""
+    memory. DDM's costs are its distill and curvature stages (offline) and its perturb + attribute stages (online)."""
     costs = read_parquet(paths.stage("baselines") / "costs.parquet").set_index("method")
     distill, perturb = stage_metrics["distill"], stage_metrics["perturb"]
     online = perturb["online_seconds"] + stage_metrics["attribute"]["attribute_seconds"]
     costs.loc[ddm] = {
-        "offline_seconds": distill["distill_seconds"],
+        "offline_seconds": distill["distill_seconds"] + stage_metrics["curvature"].get("curvature_seconds", 0.0),
         "online_seconds": online,
         "online_seconds_per_query": online / stage_metrics["attribute"]["n_test"],
         "peak_memory_mb": max(

@@ -24,7 +24,7 @@ from stages.common import (
     show_image,
     write_parquet,
 )
-from stages.quality import METHOD_COLUMNS, figure_quality, methods_table, quality, quality_table
+from stages.quality import DDM, METHOD_COLUMNS, figure_quality, methods_table, quality, quality_table
 
 REAL_PER_ROW = 6
 TOP = 3
@@ -126,6 +126,7 @@ def summarise(stage_metrics: dict[str, dict]) -> dict[str, float]:
     perturb = stage_metrics["perturb"]
     online = perturb["online_seconds"] + stage_metrics["attribute"]["attribute_seconds"]
     retrain = stage_metrics["ground_truth"]["seconds_per_retraining"]
+    curvature = stage_metrics["curvature"].get("curvature_seconds", 0.0)
     speed = {"seconds_per_retraining": retrain, "speedup_vs_retraining": retrain / perturb["seconds_per_removal"]}
     return {
         **(speed if retrain else {}),
@@ -138,6 +139,8 @@ def summarise(stage_metrics: dict[str, dict]) -> dict[str, float]:
         "speedup_per_removal": train / perturb["seconds_per_removal"],
         "distill_seconds": stage_metrics["distill"]["distill_seconds"],
         "distill_overhead": stage_metrics["distill"]["distill_seconds"] / train,
+        "curvature_seconds": curvature,
+        "offline_overhead": (stage_metrics["distill"]["distill_seconds"] + curvature) / train,
         "matching_loss_first": stage_metrics["distill"]["matching_loss_first"],
         "matching_loss_last": stage_metrics["distill"]["matching_loss_last"],
     }
@@ -316,7 +319,7 @@ def run(params: Params, paths: Paths, out: Path) -> dict:
         results, truth, found, base = evaluated
         table = quality_table(results)
         summary.update({k: v for k, v in flatten(results).items() if np.isfinite(v)})
-        ddm = f"ddm_{params.distill.direction}"
+        ddm = DDM
         side_by_side = methods_table(results, paths, stage_metrics, ddm)
         labels = clusters["label"].to_numpy()
         figure_quality(truth, found, base, ds.y_test.numpy(), labels, results, figures, ddm)

@@ -15,13 +15,22 @@ from ddm_ops.config import ModelParams, ParamsError
 from ddm_ops.models import build_model, classifier_head, penultimate_features
 from pipeline.stage import run_stage
 
-STAGES = ("train_target", "record_trajectory", "cluster", "distill", "ground_truth", "perturb", "attribute")
+STAGES = (
+    "train_target",
+    "record_trajectory",
+    "cluster",
+    "distill",
+    "curvature",
+    "ground_truth",
+    "perturb",
+    "attribute",
+)
 SMALL = {
     **TINY,
     "data": {"name": "digits", "subset": {"train": 100, "test": 30, "seed": 0}},
     "train": {"epochs": 2, "batch_size": 25, "lr": 0.05, "checkpoint_every": 1},
     "cluster": {"k_per_class": 1},
-    "distill": {"ipc": 1, "iterations": 4},
+    "distill": {"ipc": 1, "iterations": 4, "checkpoints": 2},
 }
 ARCHITECTURES = {
     "convnet-batchnorm": {"name": "convnet", "width": 8, "depth": 2, "norm": "batchnorm"},

@@ -99,7 +99,7 @@ def test_noisy_labels_are_recorded_ranked_and_found(noisy_project):
     assert ranking["rank"].tolist() == list(range(1, 21)) and ranking["loss_effect"].is_monotonic_increasing
     assert ranking["noisy"].sum() == assign["is_noisy"].sum()
     report = json.loads((out / "report/metrics.json").read_text())
-    assert 0 <= report["data_quality.ddm_reverse.auc"] <= 1
+    assert 0 <= report["data_quality.ddm.auc"] <= 1
     print({k: round(v, 3) for k, v in report.items() if k.startswith(("data_quality", "privacy"))})
     curve = pd.read_parquet(out / "data_quality/removal_curve.parquet")
     assert sorted(curve["strategy"].unique()) == ["ddm", "random"] and sorted(curve["percent"].unique()) == [0, 10, 50]
@@ -110,11 +110,11 @@ def test_noisy_labels_are_recorded_ranked_and_found(noisy_project):
 
 def test_privacy_tables_compare_the_synset_with_its_initialisation(noisy_project):
     table = pd.read_parquet(noisy_project / "outputs/report/privacy.parquet")
-    assert set(table["synset"]) == {"reverse", "init"} and len(table) == 2 * 20
+    assert set(table["synset"]) == {"ddm", "init"} and len(table) == 2 * 20
     init = table[table["synset"] == "init"]
     assert np.allclose(init["l2"], 0) and np.allclose(init["distance_ratio"], 0)  # real images: found exactly
-    reverse = table[table["synset"] == "reverse"]
-    assert (reverse["l2"] > 0).all()
+    ddm = table[table["synset"] == "ddm"]
+    assert (ddm["l2"] > 0).all()
 
 
 def _browser():

@@ -15,11 +15,15 @@ from stages.common import check_params_against_data
         ({"model": {"name": "transformer"}}, ["model.name", "'transformer'", "'convnet'", "'mlp'"]),
         ({"train": {"epochs": 0}}, ["train.epochs", "0", "greater than 0"]),
         ({"train": {"batch_size": -3}}, ["train.batch_size", "-3", "greater than 0"]),
-        ({"distill": {"pairing": "fifo"}}, ["distill.pairing", "'fifo'", "'mirrored'", "'lifo'"]),
+        ({"distill": {"pairing": "fifo"}}, ["distill.pairing", "'fifo'", "'checkpoint'", "'mirrored'", "'lifo'"]),
         ({"distill": {"direction": "sideways"}}, ["distill.direction", "'sideways'", "'reverse'", "'forward'"]),
         ({"execution": {"runner": "slurm"}}, ["execution.runner", "'slurm'", "'serial'", "'thread'", "'process'"]),
         ({"distill": {"ipcc": 3}}, ["unknown key", "distill.ipcc"]),
         ({"base": {"device": "tpu"}}, ["base.device", "'tpu'", "auto, cpu, cuda, cuda:N"]),
+        ({"perturb": {"update": "adam"}}, ["perturb.update", "'adam'", "'ekfac'", "'sgd'"]),
+        ({"train": {"momentum": 0.9}}, ["train.momentum = 0.9", "allowed: 0", "plain SGD"]),
+        ({"train": {"weight_decay": 5e-4}}, ["train.weight_decay = 0.0005", "allowed: 0"]),
+        ({"train": {"epochs": 6}, "distill": {"checkpoints": 5}}, ["distill.checkpoints = 5", "only 4 checkpoints"]),
     ],
 )
 def test_bad_params_name_key_value_and_allowed(raw, expected):

@@ -117,7 +117,7 @@ def test_every_pipeline_run_is_an_mlflow_run_with_nested_stage_runs(project):
     assert [d.dataset.name for d in first.inputs.dataset_inputs] == ["attribution"]
     assert "attribution_margin.json" in artifacts and "methods.json" not in artifacts  # no ground truth: no methods
     distill = next(r for r in children if r.data.tags["stage"] == "distill")
-    assert distill.data.params["distill.pairing"] == "mirrored" and "train.lr" not in distill.data.params
+    assert distill.data.params["distill.pairing"] == "checkpoint" and "train.lr" not in distill.data.params
     assert distill.data.metrics["distill_seconds"] > 0
 
 

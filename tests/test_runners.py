@@ -93,3 +93,13 @@ def test_a_task_that_always_fails_fails_the_stage_naming_the_cluster(tmp_path):
     assert re.search(pattern, result.stdout + result.stderr)
     assert not (folder / "outputs/distill").exists() and not list((folder / "outputs").glob(".distill*"))
     assert (folder / "outputs/cluster/assignments.parquet").is_file()  # earlier stages stay valid
+
+
+def test_a_removal_that_overflows_stops_perturb_naming_the_cluster(tmp_path):
+    folder = make_project(tmp_path / "overflows", {**TINY, "perturb": {"step_size": 1e30}})
+    result = dvc(folder, "repro", "perturb")
+    assert result.returncode != 0
+    pattern = r"perturb: the model with cluster \d+ removed has non-finite test outputs .*step_size 1e\+30"
+    assert re.search(pattern, result.stdout + result.stderr), result.stderr[-2000:]
+    assert "raise perturb.damping" in result.stderr
+    assert not (folder / "outputs/perturb").exists() and (folder / "outputs/distill/synset.pt").is_file()

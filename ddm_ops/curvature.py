@@ -1,0 +1,189 @@
+"""Curvature of the training loss as EK-FAC factors, and the Newton (influence-function) step they give a gradient.
+
+EK-FAC (George et al. 2018; Grosse et al. 2023, as in Kronfluence): per Linear / Conv2d layer, the Fisher of the
+mean training loss is approximated in the Kronecker eigenbasis Q_S ⊗ Q_A of the layer's output-gradient covariance S
+and input covariance A (the bias as a last input column of ones), with the eigenvalues corrected to the mean squared
+per-sample gradient in that basis. The true Fisher: output gradients use labels sampled from the model. Layers of
+other kinds (normalisation affines) are not tracked: a preconditioned step leaves them unchanged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+from ddm_ops.functional import Weights, math_attention
+
+BATCH = 256  # training images per pass
+
+
+@dataclass(frozen=True)
+class LayerFactors:
+    """One layer's EK-FAC factors: input eigenvectors qa (d_in, d_in), output-gradient eigenvectors qs (d_out, d_out)
+    and corrected eigenvalues lam (d_out, d_in) of the Fisher of the mean loss; d_in counts the bias column."""
+
+    weight: str
+    bias: str | None
+    shape: tuple[int, ...]
+    qa: torch.Tensor
+    qs: torch.Tensor
+    lam: torch.Tensor
+
+    def to(self, device: torch.device) -> LayerFactors:
+        return LayerFactors(
+            self.weight, self.bias, self.shape, self.qa.to(device), self.qs.to(device), self.lam.to(device)
+        )
+
+
+Factors = list[LayerFactors]
+
+
+def tracked_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The Linear and (ungrouped) Conv2d layers the curvature can cover, by module name (those whose forward runs:
+    attention's output projection, whose weight is read directly, is left out when fitting)."""
+    return [
+        (name, m)
+        for name, m in model.named_modules()
+        if isinstance(m, nn.Linear) or (isinstance(m, nn.Conv2d) and m.groups == 1)
+    ]
+
+
+def _inputs(module: nn.Module, a: torch.Tensor) -> torch.Tensor:
+    """A layer's input as (batch, tokens, d_in): im2col patches for convolutions, a column of ones for the bias."""
+    if isinstance(module, nn.Conv2d):
+        a = F.unfold(a, module.kernel_size, module.dilation, module.padding, module.stride).transpose(1, 2)
+    else:
+        a = a.reshape(len(a), -1, a.shape[-1])
+    if module.bias is not None:
+        a = torch.cat([a, a.new_ones(*a.shape[:-1], 1)], -1)
+    return a
+
+
+def _output_grads(module: nn.Module, g: torch.Tensor) -> torch.Tensor:
+    """The gradient at a layer's output as (batch, tokens, d_out)."""
+    if isinstance(module, nn.Conv2d):
+        return g.flatten(2).transpose(1, 2)
+    return g.reshape(len(g), -1, g.shape[-1])
+
+
+def _layer_passes(
+    model: nn.Module, params: Weights, buffers: Weights, x: torch.Tensor, labels: torch.Tensor | None, seed: int
+):
+    """Per batch of x: for each tracked layer, its inputs (b, tokens, d_in) and output gradients (b, tokens, d_out)
+    of the summed loss with the given labels, or with labels sampled from the model (the true Fisher)."""
+    layers = tracked_layers(model)
+    p = {k: v.detach().requires_grad_(True) for k, v in params.items()}
+    generator = torch.Generator().manual_seed(seed)
+    for i, xb in enumerate(x.split(BATCH)):
+        captured: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        hooks = [
+            m.register_forward_hook(
+                lambda mod, inp, out, name=name, seen=captured: seen.__setitem__(name, (inp[0], out))
+            )
+            for name, m in layers
+        ]
+        try:
+            with math_attention():
+                logits = functional_call(model, (p, buffers), (xb,))
+        finally:
+            for h in hooks:
+                h.remove()
+        if labels is None:
+            probs = logits.detach().double().softmax(-1).cpu()
+            targets = torch.multinomial(probs, 1, generator=generator).flatten().to(x.device)
+        else:
+            targets = labels[i * BATCH : (i + 1) * BATCH]
+        loss = F.cross_entropy(logits, targets, reduction="sum")
+        used = [(name, m) for name, m in layers if name in captured]  # not those whose weights are read directly
+        outs = torch.autograd.grad(loss, [captured[name][1] for name, _ in used])
+        yield {
+            name: (_inputs(m, captured[name][0].detach()).double(), _output_grads(m, g.detach()).double())
+            for (name, m), g in zip(used, outs)
+        }
+
+
+def fit_factors(
+    model: nn.Module, params: Weights, buffers: Weights, x: torch.Tensor, seed: int, labels: torch.Tensor | None = None
+) -> Factors:
+    """EK-FAC factors of the mean cross-entropy on the training images x at the weights (params, buffers): the true
+    Fisher with labels drawn from the model (seeded), or with `labels` the empirical Fisher.
+
+    Two passes over x: the covariances A and S and their eigenvectors, then the eigenvalue correction
+    lam = mean over samples of (Q_S^T G_n Q_A)^2, G_n the sample's gradient (d_out, d_in). float64 throughout.
+    """
+    modules = dict(tracked_layers(model))
+    cov: dict[str, list[torch.Tensor]] = {}
+    for batch in _layer_passes(model, params, buffers, x, labels, seed):
+        for name, (a, g) in batch.items():
+            a, g = a.flatten(0, 1), g.flatten(0, 1)
+            if name not in cov:
+                cov[name] = [a.T @ a, g.T @ g]
+            else:
+                cov[name][0] += a.T @ a
+                cov[name][1] += g.T @ g
+    bases = {name: (torch.linalg.eigh(a)[1], torch.linalg.eigh(s)[1]) for name, (a, s) in cov.items()}
+    lam: dict[str, torch.Tensor] = {}
+    for batch in _layer_passes(model, params, buffers, x, labels, seed):
+        for name, (a, g) in batch.items():
+            qa, qs = bases[name]
+            rotated = (qs.T @ torch.einsum("bto,bti->boi", g, a) @ qa).square().sum(0)
+            lam[name] = lam[name] + rotated if name in lam else rotated
+    return [
+        LayerFactors(
+            f"{name}.weight",
+            f"{name}.bias" if modules[name].bias is not None else None,
+            tuple(modules[name].weight.shape),
+            bases[name][0],
+            bases[name][1],
+            lam[name] / len(x),
+        )
+        for name in cov
+    ]
+
+
+def damping_value(factors: Factors, damping: float) -> float:
+    """The damping added to every eigenvalue: `damping` times the mean eigenvalue over the layers (0.1 is
+    Kronfluence's heuristic when its damping is None), so that one setting fits any model and loss scale."""
+    return damping * float(torch.cat([f.lam.flatten() for f in factors]).mean())
+
+
+def precondition(factors: Factors, grads: Weights, damping: float) -> Weights:
+    """(F + damping)^-1 g for the tracked layers' weights and biases; grads may carry leading batch dims.
+
+    Returns only the tracked parameters (the step leaves the others unchanged), in the dtype of `grads`.
+    """
+    out: Weights = {}
+    for f in factors:
+        w = grads[f.weight]
+        lead = w.shape[: w.dim() - len(f.shape)]
+        m = w.reshape(*lead, f.shape[0], -1).double()
+        if f.bias is not None:
+            m = torch.cat([m, grads[f.bias].double()[..., None]], -1)
+        v = (f.qs.T @ m @ f.qa) / (f.lam + damping)
+        m = (f.qs @ v @ f.qa.T).to(w.dtype)
+        if f.bias is not None:
+            out[f.bias] = m[..., -1]
+            m = m[..., :-1]
+        out[f.weight] = m.reshape(w.shape)
+    return out
+
+
+def to_state(factors: Factors) -> dict:
+    """A dict of tensors and strings that torch.load(weights_only=True) reads back (from_state)."""
+    return {
+        "layers": [
+            {"weight": f.weight, "bias": f.bias or "", "shape": list(f.shape), "qa": f.qa, "qs": f.qs, "lam": f.lam}
+            for f in factors
+        ]
+    }
+
+
+def from_state(state: dict) -> Factors:
+    return [
+        LayerFactors(d["weight"], d["bias"] or None, tuple(d["shape"]), d["qa"], d["qs"], d["lam"])
+        for d in state["layers"]
+    ]

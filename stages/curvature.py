@@ -1,0 +1,38 @@
+"""Stage curvature: EK-FAC factors of the training loss at the checkpoints where perturb removes clusters."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from ddm_ops.config import Params
+from ddm_ops.curvature import fit_factors, to_state
+from ddm_ops.devices import resolve_device
+from ddm_ops.models import functional_mode
+from ddm_ops.trajectory import Trajectory
+from stages.common import Paths, dataset, load_checkpoints, new_model
+
+
+def run(params: Params, paths: Paths, out: Path) -> dict:
+    """factors.pt: {"checkpoints": indices, "factors": one to_state() per checkpoint}; empty for perturb.update sgd."""
+    state: dict = {"checkpoints": torch.zeros(0, dtype=torch.long), "factors": []}
+    metrics: dict = {"n_checkpoints": 0}
+    if params.perturb.update == "ekfac":
+        ds = dataset(params)
+        device = resolve_device(params.base.device)
+        model = functional_mode(new_model(params, ds).to(device), params.distill.batchnorm)
+        checkpoints = load_checkpoints(paths.stage("train_target") / "checkpoints")
+        trajectory = Trajectory.from_checkpoints(model, checkpoints, params.train.batch_size).to(device)
+        index = trajectory.last(params.distill.checkpoints)
+        x = ds.x_train.to(device)
+        start = time.perf_counter()
+        for i in index.tolist():
+            theta, buffers = trajectory.at(i)
+            factors = fit_factors(model, theta, buffers, x, seed=params.base.seed * 1_009 + i)
+            state["factors"].append(to_state([f.to(torch.device("cpu")) for f in factors]))
+        state["checkpoints"] = index
+        metrics.update(n_checkpoints=len(index), curvature_seconds=time.perf_counter() - start)
+    torch.save(state, out / "factors.pt")
+    return metrics
