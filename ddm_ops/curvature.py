@@ -19,6 +19,7 @@ from torch.func import functional_call
 from ddm_ops.functional import Weights, math_attention
 
 BATCH = 256  # training images per pass
+PER_SAMPLE_ENTRIES = 1 << 24  # per-sample gradient entries held at once (a ResNet18 layer's 256 took 4.8 GB)
 
 
 @dataclass(frozen=True)
@@ -125,13 +126,16 @@ def fit_factors(
             else:
                 cov[name][0] += a.T @ a
                 cov[name][1] += g.T @ g
-    bases = {name: (torch.linalg.eigh(a)[1], torch.linalg.eigh(s)[1]) for name, (a, s) in cov.items()}
+    bases = {name: (_eigenvectors(a), _eigenvectors(s)) for name, (a, s) in cov.items()}
     lam: dict[str, torch.Tensor] = {}
     for batch in _layer_passes(model, params, buffers, x, labels, seed):
         for name, (a, g) in batch.items():
             qa, qs = bases[name]
-            rotated = (qs.T @ torch.einsum("bto,bti->boi", g, a) @ qa).square().sum(0)
-            lam[name] = lam[name] + rotated if name in lam else rotated
+            a, g = a @ qa, g @ qs  # Q_S^T G_n Q_A = Σ_tokens (Q_S^T g)(Q_A^T a)^T
+            step = max(1, PER_SAMPLE_ENTRIES // (g.shape[-1] * a.shape[-1]))  # samples whose G_n are held at once
+            for i in range(0, len(a), step):
+                rotated = torch.einsum("bto,bti->boi", g[i : i + step], a[i : i + step]).square().sum(0)
+                lam[name] = lam[name] + rotated if name in lam else rotated
     return [
         LayerFactors(
             f"{name}.weight",
@@ -143,6 +147,16 @@ def fit_factors(
         )
         for name in cov
     ]
+
+
+def _eigenvectors(cov: torch.Tensor) -> torch.Tensor:
+    """Eigenvectors of a symmetric covariance; LAPACK's eigh can fail on an ill-conditioned one (a ResNet's wide
+    layers on few images), and then a tiny multiple of the mean diagonal is added, which leaves the basis."""
+    try:
+        return torch.linalg.eigh(cov)[1]
+    except torch.linalg.LinAlgError:
+        jitter = 1e-10 * cov.diagonal().mean().clamp_min(1e-30)
+        return torch.linalg.eigh(cov + jitter * torch.eye(len(cov), dtype=cov.dtype, device=cov.device))[1]
 
 
 def damping_value(factors: Factors, damping: float) -> float:

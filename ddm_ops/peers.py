@@ -270,3 +270,16 @@ def ekfac(
                 score_args=ScoreArguments(),
             )
             return analyzer.load_pairwise_scores("scores")["all_modules"].T.cpu().numpy()  # (N, M)
+
+
+def ekfac_ensemble(
+    model: nn.Module,
+    states: list[dict[str, torch.Tensor]],
+    train: tuple[torch.Tensor, torch.Tensor],
+    test: tuple[torch.Tensor, torch.Tensor],
+    objective: str,
+    phases: Phases,
+) -> np.ndarray:
+    """EK-FAC influence (as `ekfac`) at each of the given checkpoints, scores averaged: the reference that DDM's
+    checkpoint-averaged Newton removal imitates with the real training data."""
+    return np.mean([ekfac(model, s, train, test, objective, phases) for s in states], axis=0)

@@ -236,9 +236,9 @@ class Methods:
             run = lambda o, ph: peers.trak(model, states, train, test, o, ph)  # noqa: E731
         elif method == "ekfac":
             run = lambda o, ph: peers.ekfac(model, final, train, test, o, ph)  # noqa: E731
-        else:  # ekfac_ensemble: EK-FAC at each of the last checkpoints, scores averaged
+        else:
             states = [c.state for c in self.checkpoints[-self.params.baselines.ekfac_models :]]
-            run = lambda o, ph: np.mean([peers.ekfac(model, s, train, test, o, ph) for s in states], 0)  # noqa: E731
+            run = lambda o, ph: peers.ekfac_ensemble(model, states, train, test, o, ph)  # noqa: E731
         record: dict = {}
         matrices, phases = {}, []
         with peak_memory(record, "memory"):

@@ -34,7 +34,7 @@ TINY = {
     "cluster": {"k_per_class": 2},
     "distill": {"ipc": 1, "iterations": 5},
     "execution": {"runner": "serial", "items_per_task": 1},
-    "perturb": {"step_size": 1.0},
+    "perturb": {"step_size": 0.02},
     "report": {"n_examples": 2},
 }
 

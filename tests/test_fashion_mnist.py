@@ -22,6 +22,7 @@ FASHION = {
     "data": {"name": "fashion-mnist", "subset": {"train": 300, "test": 100, "seed": 0}},
     "model": {"name": "convnet", "width": 8, "depth": 3},
     "train": {"epochs": 3, "batch_size": 32, "lr": 0.05, "checkpoint_every": 1},
+    "distill": {"ipc": 1, "iterations": 5, "checkpoints": 2},
 }
 
 

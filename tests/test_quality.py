@@ -130,9 +130,7 @@ def test_one_row_per_method_with_quality_and_costs(project):
     assert (methods["online_seconds"] > 0).all() and (
         methods.loc[["ddm", "trak", "ekfac"], "offline_seconds"] > 0
     ).all()
-    assert methods.loc["ddm", "online_seconds_per_query"] == pytest.approx(
-        methods.loc["ddm", "online_seconds"] / 100
-    )
+    assert methods.loc["ddm", "online_seconds_per_query"] == pytest.approx(methods.loc["ddm", "online_seconds"] / 100)
     synset = torch.load(project / "outputs/baselines/forward_synset.pt", weights_only=True)
     assert synset["direction"] == "forward" and synset["images"].shape == (20, 2, 1, 8, 8)
     privacy = pd.read_parquet(project / "outputs/report/privacy.parquet")

@@ -11,8 +11,8 @@ import torch
 from ddm_ops.attribution import distances
 from ddm_ops.calibration import NEWTON_STEP_GRID, STEP_GRID
 from ddm_ops.cluster import cluster_within_classes, nearest_members
-from ddm_ops.config import DataParams, DistillParams, ModelParams, SubsetParams, TrainParams
-from ddm_ops.curvature import fit_factors
+from ddm_ops.config import DataParams, DistillParams, ModelParams, PerturbParams, SubsetParams, TrainParams
+from ddm_ops.curvature import damping_value, fit_factors
 from ddm_ops.data import load_dataset
 from ddm_ops.distill import distill_cluster
 from ddm_ops.functional import batched_logits, split_state, stack
@@ -69,7 +69,7 @@ def _dist1_to_retrained(ds, model, traj, retrained, images, labels) -> tuple[flo
 
 def test_reverse_matched_synset_moves_toward_retrained_model(tiny):
     ds, model, traj, ids, dist, retrained = tiny
-    p = DistillParams(ipc=2, iterations=60, pairing="mirrored")
+    p = DistillParams(ipc=2, iterations=60, pairing="mirrored", direction="reverse")
     synsets = []
     for c in CLUSTERS:
         members = np.flatnonzero(ids == c)
@@ -93,7 +93,7 @@ def test_reverse_matched_synset_moves_toward_retrained_model(tiny):
     random_labels = hard[:, None].expand(-1, images.shape[1], -1)
     unmatched, _ = _dist1_to_retrained(ds, model, traj, retrained, random_images, random_labels)
     print(f"Dist1 to retrained: matched {matched:.4f}, do-nothing {nothing:.4f}, random synset {unmatched:.4f}")
-    assert matched < 0.96 * nothing  # measured 0.930 (mirrored, n_u=3, step 0.005)
+    assert matched < 0.96 * nothing  # measured 0.923 (mirrored, reverse, n_u=3, step 0.005)
     assert matched < unmatched
 
 
@@ -102,7 +102,7 @@ def test_curvature_preconditioned_removal_beats_the_plain_step(tiny):
     training loss lands closer to the retrained models than plain SGD steps on the same synsets, each at its best
     step size on a grid (the same calibration for both)."""
     ds, model, traj, ids, dist, retrained = tiny
-    p = DistillParams(ipc=4, iterations=100, pairing="checkpoint", checkpoints=1)
+    p = DistillParams(ipc=4, iterations=100, pairing="checkpoint", checkpoints=1)  # forward: removal ascends
     synsets = []
     for c in CLUSTERS:
         members = np.flatnonzero(ids == c)
@@ -112,22 +112,23 @@ def test_curvature_preconditioned_removal_beats_the_plain_step(tiny):
     labels = torch.stack([s.labels for s in synsets])
     params, buffers = traj.final()
     factors = fit_factors(model, params, buffers, ds.x_train, seed=0)
+    damping = damping_value(factors, PerturbParams().damping)
     unit = TRAIN.batch_size / len(ds.x_train)  # the influence-function step of checkpoint-paired synsets
     newton = {
         s: _dist1_of(
             ds,
             model,
-            newton_removal(model, params, buffers, factors, images, labels, s * unit, 1e-8),
+            newton_removal(model, params, buffers, factors, images, labels, s * unit, damping, sign=-1.0),
             buffers,
             retrained,
         )
-        for s in NEWTON_STEP_GRID[:13]  # 1e-3 .. 0.1 (measured best 0.05; the influence-function step 1 overshoots)
+        for s in NEWTON_STEP_GRID[:19]  # 1e-3 .. 1, the influence-function step
     }
     plain = {
-        s: _dist1_of(ds, model, unlearn(model, params, buffers, images, labels, N_U, s), buffers, retrained)
+        s: _dist1_of(ds, model, unlearn(model, params, buffers, images, labels, N_U, s, sign=-1.0), buffers, retrained)
         for s in STEP_GRID[4:]  # 5e-5 .. 0.1 (measured best 0.018)
     }
     nothing = _dist1_to_retrained(ds, model, traj, retrained, images, labels)[1]
     best_newton, best_plain = min(newton.values()), min(plain.values())
     print(f"Dist1 to retrained: newton {best_newton:.4f}, plain {best_plain:.4f}, do-nothing {nothing:.4f}")
-    assert best_newton < best_plain
+    assert best_newton < best_plain  # measured 6.78 vs 7.68 (do-nothing 8.05)
