@@ -74,7 +74,7 @@ def by_name(report: dict, prefix: str) -> dict[str, dict[str, float]]:
     grouped: dict[str, dict[str, float]] = {}
     for key, value in report.items():
         if key.startswith(prefix + "."):
-            _, name, metric = key.split(".")
+            _, name, metric = key.split(".", 2)
             grouped.setdefault(name, {})[metric] = value
     return grouped
 

@@ -12,6 +12,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    NonNegativeInt,
     PositiveFloat,
     PositiveInt,
     ValidationError,
@@ -313,6 +314,18 @@ class ReportParams(_Block):
     n_examples: PositiveInt = Field(4, description="Test samples shown with their most helpful and harmful clusters.")
     tracking_uri: str | None = Field(None, description="MLflow store; default sqlite:///<project>/mlflow.db.")
     experiment: str = "ddm"
+    membership_references: NonNegativeInt = Field(
+        8,
+        description="Reference models of the privacy audit's membership attack, each trained on the training images "
+        "no synset starts from (about one target training each); 0 skips the attack, at least 2 otherwise.",
+    )
+
+    @field_validator("membership_references")
+    @classmethod
+    def _references(cls, value: int) -> int:
+        if value == 1:
+            raise ValueError("0 (no attack) or at least 2 (their spread is the attack's unit)")
+        return value
 
 
 class Params(_Block):

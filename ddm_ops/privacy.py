@@ -1,5 +1,5 @@
 """What a synset reveals of the training images: its nearest real images (L2 and SSIM), PSNR and SSIM to them,
-distances to members against non-members, and a membership-inference attack that uses the synset alone.
+distances to members against non-members, and a likelihood-ratio membership attack on a model trained from it.
 
 Images are in the [0, 1] pixel range, (N, C, H, W).
 """
@@ -8,15 +8,21 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from sklearn.metrics import roc_auc_score
+from sklearn.metrics import roc_auc_score, roc_curve
 
 SSIM_C1, SSIM_C2 = 0.01**2, 0.03**2  # SSIM's constants for a data range of 1
 
 
-def _gaussian(size: int, sigma: float = 1.5) -> torch.Tensor:
-    x = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
-    g = torch.exp(-(x**2) / (2 * sigma**2))
-    return g / g.sum()
+def _window(side: int) -> torch.Tensor:
+    """SSIM's 1-D window as scikit-image's structural_similarity weighs it: Gaussian of sigma 1.5 over 11 pixels
+    (Wang et al. 2004, `gaussian_weights=True`) when the image is that large, else uniform over 7 pixels (its
+    default window), or over the image's largest odd size below that."""
+    if side >= 11:
+        x = torch.arange(11, dtype=torch.float64) - 5
+        g = torch.exp(-(x**2) / (2 * 1.5**2))
+        return g / g.sum()
+    size = min(7, side - (1 - side % 2))
+    return torch.full((size,), 1 / size, dtype=torch.float64)
 
 
 def _blur(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
@@ -29,13 +35,13 @@ def _blur(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
 
 
 def ssim(a: torch.Tensor, b: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
-    """Structural similarity of every pair: a (n, C, H, W) against b (m, C, H, W) -> (n, m).
+    """Structural similarity of every pair: a (n, C, H, W) against b (m, C, H, W) -> (n, m), pixels in [0, 1].
 
-    Gaussian window (sigma 1.5) of 7x7, or the image size when smaller, over the valid region; the mean over
-    positions and channels (Wang et al. 2004, with skimage's window for small images).
+    Wang et al. 2004 as scikit-image computes it (data_range 1, population covariances): the window of `_window`
+    over every position where it fits, the mean over positions and channels.
     """
     a, b = a.double(), b.double()  # variances are differences of near-equal sums
-    g = _gaussian(min(7, *a.shape[2:])).to(a.device)
+    g = _window(min(a.shape[2:])).to(a.device)
     out = torch.empty(len(a), len(b), dtype=torch.float64)
     mb = _blur(b, g)
     vb = _blur(b * b, g) - mb**2
@@ -80,9 +86,38 @@ def nearest_real(images: torch.Tensor, members: torch.Tensor, non_members: torch
     }
 
 
-def membership_auc(images: torch.Tensor, members: torch.Tensor, non_members: torch.Tensor) -> float:
-    """AUC of an attacker who calls an image a training member the closer it is to the synset (0.5 = no leakage)."""
-    score = lambda x: -_l2(x, images).min(1).values  # noqa: E731
-    s = torch.cat([score(members), score(non_members)]).numpy()
-    truth = np.concatenate([np.ones(len(members)), np.zeros(len(non_members))])
-    return float(roc_auc_score(truth, s))
+def confidence(logits: torch.Tensor, labels: torch.Tensor) -> np.ndarray:
+    """The attack's statistic per image: log p_y - log(1 - p_y) of its own label y, from logits (n, C); a model is
+    more confident on the images it was trained on."""
+    z = logits.double()
+    own = z.gather(1, labels[:, None]).squeeze(1)
+    others = z.scatter(1, labels[:, None], -float("inf"))
+    return (own - torch.logsumexp(others, 1)).numpy()
+
+
+def likelihood_ratio(target: np.ndarray, references: np.ndarray) -> np.ndarray:
+    """Offline likelihood-ratio attack with a fixed variance (Carlini et al. 2022, "Membership inference attacks
+    from first principles"): per image, how far the target model's confidence lies above the mean confidence of
+    reference models that never saw the image, in units of their spread. target (n,), references (R, n), R >= 2.
+    The per-image reference mean removes how easy each image is, which a plain loss threshold confuses with
+    membership."""
+    return (target - references.mean(0)) / references.std(0, ddof=1).mean()
+
+
+def attack_quality(scores: np.ndarray, member: np.ndarray, seed: int, resamples: int = 1000) -> dict[str, float]:
+    """AUC of scores (higher = called a member) with a 95% bootstrap interval, and the true-positive rate at 1%
+    false positives (the low-error regime a real attack needs)."""
+    fpr, tpr, _ = roc_curve(member, scores)
+    rng = np.random.default_rng(seed)
+    pos, neg = np.flatnonzero(member), np.flatnonzero(~member)
+    boot = []
+    for _ in range(resamples):
+        idx = np.concatenate([rng.choice(pos, len(pos)), rng.choice(neg, len(neg))])
+        boot.append(roc_auc_score(member[idx], scores[idx]))
+    low, high = np.quantile(boot, [0.025, 0.975])
+    return {
+        "auc": float(roc_auc_score(member, scores)),
+        "auc_low": float(low),
+        "auc_high": float(high),
+        "tpr_at_1pct_fpr": float(tpr[fpr <= 0.01].max()),
+    }

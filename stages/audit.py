@@ -1,5 +1,6 @@
 """The data-quality and privacy parts of the report: clusters ranked from most harmful to most helpful, how well
-each method finds corrupted labels, the removal curve, and what the synsets reveal of the training images."""
+each method finds corrupted labels, the removal curve, what the synsets reveal of the training images, and a
+membership attack on models trained from them."""
 
 from __future__ import annotations
 
@@ -13,8 +14,9 @@ from ddm_ops import privacy
 from ddm_ops.config import Params
 from ddm_ops.data import Dataset
 from ddm_ops.data_quality import accuracy_effects, cluster_effects, detection, harmful_first
+from ddm_ops.train import predict, train
 from stages.attribute import logits_table
-from stages.common import Paths, RunTables, load_tensors, pyplot, save_figure, show_image, show_pixels
+from stages.common import Paths, RunTables, load_tensors, new_model, pyplot, save_figure, show_image, show_pixels
 from stages.quality import DDM
 
 RANKING_COLUMNS = {
@@ -37,6 +39,16 @@ PRIVACY_COLUMNS = {
     "ssim": "SSIM to it",
     "max_ssim": "highest SSIM to any training image",
     "distance_ratio": "distance to the nearest training image / to the nearest held-out image (about 1: no leakage)",
+}
+MEMBERSHIP_COLUMNS = {
+    "model": "what the attacked model was trained on: a kind of synset (ddm, forward_matching, init), the real "
+    "training set (target: the run's model) or none of the attacked images (unseen)",
+    "role": "synset, positive control (trained on the attacked members: the attack must find them) or negative "
+    "control (never saw them: about 0.5)",
+    "auc": "membership AUC of the likelihood-ratio attack (0.5: the model gives nothing away)",
+    "auc_low": "2.5% bootstrap quantile of the AUC",
+    "auc_high": "97.5% bootstrap quantile of the AUC",
+    "tpr_at_1pct_fpr": "share of members found while calling 1% of the non-members members (0.01: chance)",
 }
 GRID = 8  # members shown per harmful cluster
 
@@ -118,30 +130,26 @@ def figure_removal_curve(curve: pd.DataFrame, path: Path) -> None:
 
 
 def synsets(own: dict, paths: Paths, ds: Dataset) -> tuple[dict[str, torch.Tensor], np.ndarray, np.ndarray]:
-    """({kind: images (K * ipc, C, H, W) in [0, 1]}, cluster id and image number of each): the run's synsets
-    (`own`, distill's synset.pt), the forward-matched ones when the baselines made them, and the real images
-    matching started from."""
+    """({kind: images (K * ipc, C, H, W), normalised as the model sees them}, cluster id and image number of each):
+    the run's synsets (`own`, distill's synset.pt), the forward-matched ones when the baselines made them, and the
+    real images matching started from."""
     k, ipc = own["images"].shape[:2]
-    found = {
-        "ddm": ds.denormalise(own["images"].flatten(0, 1)),
-        "init": ds.denormalise(ds.x_train[own["init_index"].flatten()]),
-    }
+    found = {"ddm": own["images"].flatten(0, 1), "init": ds.x_train[own["init_index"].flatten()]}
     forward = load_tensors(paths.stage("baselines") / "forward_synset.pt")
     if forward and forward["images"].shape == own["images"].shape:  # the same images per cluster: one table
-        found["forward_matching"] = ds.denormalise(forward["images"].flatten(0, 1))
+        found["forward_matching"] = forward["images"].flatten(0, 1)
     return found, np.repeat(own["cluster_ids"].numpy(), ipc), np.tile(np.arange(ipc), k)
 
 
 def privacy_report(params: Params, paths: Paths, ds: Dataset, synset: dict, figures: Path) -> tuple[pd.DataFrame, dict]:
     """Per synset image (`synset`: the run's, and the forward-matched ones) its nearest training image and the
-    leakage measures; per kind their means and the membership-inference AUC (training vs as many held-out images)."""
+    leakage measures, with their means per kind."""
     members = ds.denormalise(ds.x_train)
     non_members = ds.denormalise(ds.x_test)
-    rng = np.random.default_rng([params.base.seed, 5])
-    attacked = members[rng.choice(len(members), size=min(len(members), len(non_members)), replace=False)]
     frames, metrics, nearest = [], {}, {}
     kinds, cluster_ids, image = synsets(synset, paths, ds)
-    for kind, images in kinds.items():
+    for kind, normalised in kinds.items():
+        images = ds.denormalise(normalised)
         found = privacy.nearest_real(images, members, non_members)
         nearest[kind] = (images, members[found["nearest_index"]])
         frames.append(
@@ -157,11 +165,59 @@ def privacy_report(params: Params, paths: Paths, ds: Dataset, synset: dict, figu
         )
         for k in ("l2", "psnr", "ssim", "max_ssim", "distance_ratio"):
             metrics[f"privacy.{kind}.{k}"] = float(np.mean(found[k]))
-        metrics[f"privacy.{kind}.membership_auc"] = privacy.membership_auc(
-            images, attacked, non_members[: len(attacked)]
-        )
     figure_privacy(nearest, ds, figures / "privacy.png")
     return pd.concat(frames, ignore_index=True), metrics
+
+
+def membership_attack(params: Params, paths: Paths, ds: Dataset, synset: dict) -> tuple[pd.DataFrame, dict]:
+    """The likelihood-ratio membership attack on a model trained the run's way (model, train params, seed) on each
+    kind of synset, next to a positive control that must succeed and a negative one that must not.
+
+    Attacked members: the real images matching starts from (what a synset could give away); non-members: as many
+    held-out images. Reference models (report.membership_references) train on the rest of the training set, so none
+    saw an attacked image. Positive controls: the run's target model (trained on every member) and the model trained
+    on the `init` images themselves; negative control: one more model like the references, which never saw them.
+    """
+    n_ref = params.report.membership_references
+    if not n_ref:
+        return pd.DataFrame(columns=list(MEMBERSHIP_COLUMNS)), {}
+    rng = np.random.default_rng([params.base.seed, 5])
+    attacked = synset["init_index"].flatten().numpy()
+    n = min(len(attacked), len(ds.x_test))
+    members = rng.choice(attacked, n, replace=False)
+    held_out = rng.choice(len(ds.x_test), n, replace=False)
+    x = torch.cat([ds.x_train[members], ds.x_test[held_out]])
+    y = torch.cat([ds.y_train[members], ds.y_test[held_out]])
+    is_member = np.r_[np.ones(n, dtype=bool), np.zeros(n, dtype=bool)]
+    rest = np.setdiff1d(np.arange(len(ds.x_train)), attacked)
+
+    def trained(images: torch.Tensor, labels: torch.Tensor, seed: int, label: str) -> np.ndarray:
+        model = new_model(params, ds, seed=seed)
+        train(model, images, labels, params.train, seed, label=f"membership attack: {label}")
+        return privacy.confidence(predict(model, x), y)
+
+    references = np.stack(
+        [trained(ds.x_train[rest], ds.y_train[rest], params.base.seed + 1 + r, f"reference {r}") for r in range(n_ref)]
+    )
+    target = new_model(params, ds)
+    target.load_state_dict(load_tensors(paths.stage("train_target") / "model.pt"))
+    kinds, _, _ = synsets(synset, paths, ds)
+    labels = ds.y_train[synset["init_index"].flatten()]  # every image of a cluster's synset has its class
+    attacked_models = {
+        kind: ("positive control" if kind == "init" else "synset", trained(images, labels, params.base.seed, kind))
+        for kind, images in kinds.items()
+    }
+    attacked_models["target"] = ("positive control", privacy.confidence(predict(target, x), y))
+    attacked_models["unseen"] = (
+        "negative control",
+        trained(ds.x_train[rest], ds.y_train[rest], params.base.seed + 1 + n_ref, "unseen"),
+    )
+    rows, metrics = [], {}
+    for model, (role, confidence) in attacked_models.items():
+        quality = privacy.attack_quality(privacy.likelihood_ratio(confidence, references), is_member, params.base.seed)
+        rows.append({"model": model, "role": role, **quality})
+        metrics.update({f"privacy.membership.{model}.{k}": v for k, v in quality.items()})
+    return pd.DataFrame(rows, columns=list(MEMBERSHIP_COLUMNS)), metrics
 
 
 def figure_privacy(nearest: dict[str, tuple[torch.Tensor, torch.Tensor]], ds: Dataset, path: Path, n: int = 8) -> None:

@@ -25,6 +25,7 @@ from ddm_ops.calibration import calibrate_step
 from ddm_ops.config import Params
 from ddm_ops.devices import resolve_device
 from ddm_ops.functional import split_state
+from ddm_ops.train import DivergenceError
 from ddm_ops.trajectory import Trajectory, cluster_gradients
 from ddm_ops.unlearn import outputs_of
 from stages.common import (
@@ -125,6 +126,13 @@ class Methods:
 
     def add(self, method: str, matrices: dict[str, np.ndarray], offline: float, online: float, memory: float):
         for objective, matrix in matrices.items():
+            bad = ~np.isfinite(matrix).all(1)
+            if bad.any():
+                raise DivergenceError(
+                    f"baselines {method}: non-finite {objective} scores for cluster {self.cluster_ids[bad.argmax()]}; "
+                    f"its step size or damping overflowed (baselines.* params), or leave {method} out of "
+                    "baselines.methods"
+                )
             self.frames.append(_long(method, matrix, self.cluster_ids, self.ds.test_index, objective))
         self.costs.append(
             {

@@ -177,6 +177,13 @@ def check_params_against_data(params: Params, ds: Dataset) -> None:
             f"cluster.k_per_class = {params.cluster.k_per_class}: must be at most the smallest class's training "
             f"size ({counts.min()} samples of class {counts.argmin()})"
         )
+    k, ipc = params.cluster.k_per_class * ds.num_classes, params.distill.ipc
+    if params.report.membership_references and k * ipc >= len(ds.y_train):
+        raise ParamsError(
+            f"report.membership_references = {params.report.membership_references}: the attack's reference models "
+            f"train on the images no synset starts from, and {k} clusters x distill.ipc {ipc} use all "
+            f"{len(ds.y_train)} training images; set it to 0 or lower distill.ipc"
+        )
     check_model_fits(params.model, ds.image_shape)
 
 

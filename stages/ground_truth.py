@@ -9,6 +9,7 @@ repeated stage redoes only the retrainings it lacks. Disabled (the default), the
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 import time
@@ -26,7 +27,7 @@ from pipeline.runners import fan_out, task_device
 from stages.common import Paths, concat_or_empty, dataset, new_model, read_parquet, write_parquet
 
 CACHE = Path(".ddm_cache") / "retrain"  # under the project, or under $DDM_CACHE_DIR (shared between projects)
-CODE = ("config.py", "data.py", "models.py", "objectives.py", "train.py")
+LIBRARY = Path(ddm_ops.__file__).parent  # every module of it enters the key
 
 RETRAIN_COLUMNS = {
     "flavour": "aligned (target's seed and batches) or resampled (fresh seed)",
@@ -55,7 +56,21 @@ TIMING_COLUMNS = {
 }
 
 
-def _key(params: Params, seed: int, keep: np.ndarray) -> str:
+def _user_modules(params: Params) -> list[Path]:
+    """The files of the user's own dataset and model modules (`module:name` in data.name / model.name)."""
+    files = []
+    for spec in (params.data.name, params.model.name):
+        if ":" in spec:
+            found = importlib.util.find_spec(spec.partition(":")[0])
+            if found is not None and found.origin and Path(found.origin).is_file():
+                files.append(Path(found.origin))
+    return files
+
+
+def cache_key(params: Params, seed: int, keep: np.ndarray, device: torch.device) -> str:
+    """The name of a retraining in the cache: everything that changes its logits. The data, model and training
+    params, the seed, which training samples are kept, the torch version, the device (and the GPU's name), the
+    torch threads of a task, and the bytes of every ddm_ops module and of the user's own data / model modules."""
     h = hashlib.sha256()
     h.update(
         json.dumps(
@@ -64,13 +79,24 @@ def _key(params: Params, seed: int, keep: np.ndarray) -> str:
                 params.model.model_dump(mode="json"),
                 params.train.model_dump(mode="json"),
                 seed,
+                torch.__version__,
+                device.type,
+                torch.cuda.get_device_name(device) if device.type == "cuda" else "",
+                params.execution.threads_per_worker,
             ]
         ).encode()
     )
     h.update(np.packbits(keep).tobytes())
-    for name in CODE:
-        h.update((Path(ddm_ops.__file__).parent / name).read_bytes())
+    for path in sorted(LIBRARY.glob("*.py")) + _user_modules(params):
+        h.update(path.name.encode())
+        h.update(path.read_bytes())
     return h.hexdigest()[:24]
+
+
+def cache_dir(root: str | Path) -> Path:
+    """Where retrainings are kept: $DDM_CACHE_DIR/retrain when set (shared between projects), else
+    <project>/.ddm_cache/retrain."""
+    return Path(os.environ["DDM_CACHE_DIR"]) / "retrain" if os.environ.get("DDM_CACHE_DIR") else Path(root) / CACHE
 
 
 def retrain_one(root: str, params: dict, job: str, removed: list[int], seed: int, dropped: list[int] = ()) -> dict:
@@ -81,11 +107,10 @@ def retrain_one(root: str, params: dict, job: str, removed: list[int], seed: int
     ids = read_parquet(Paths(Path(root)).stage("cluster") / "assignments.parquet")["cluster_id"].to_numpy()
     keep = ~np.isin(ids, removed)
     keep[list(dropped)] = False
-    cache = Path(os.environ["DDM_CACHE_DIR"]) / "retrain" if os.environ.get("DDM_CACHE_DIR") else Path(root) / CACHE
-    path = cache / f"{_key(p, seed, keep)}.pt"
+    device = task_device(p.base.device)
+    path = cache_dir(root) / f"{cache_key(p, seed, keep, device)}.pt"
     cached = path.is_file()
     if not cached:
-        device = task_device(p.base.device)
         model = new_model(p, ds, seed=seed).to(device)
         start = time.perf_counter()
         train(

@@ -17,7 +17,8 @@ from conftest import ROOT, TINY, reproduced
 from ddm_ops.config import LabelNoiseParams
 from ddm_ops.data import flip_labels
 from ddm_ops.data_quality import detection, least_useful
-from ddm_ops.privacy import membership_auc, nearest_real, psnr, ssim
+from ddm_ops.privacy import attack_quality, confidence, likelihood_ratio, nearest_real, psnr, ssim
+from ddm_ops.train import train
 
 
 def test_detection_auc_and_share_found_by_inspection():
@@ -63,16 +64,99 @@ def test_ssim_and_psnr_known_answers():
     assert psnr(a, b).item() == pytest.approx(10 * np.log10(1 / 0.16), rel=1e-5)
 
 
-def test_nearest_real_and_membership_attack_see_a_copied_training_image():
+@pytest.mark.parametrize("side", [8, 28])  # digits (uniform 7x7 window), Fashion-MNIST (Gaussian 11x11)
+def test_ssim_equals_scikit_image_on_random_images(side):
+    from skimage.metrics import structural_similarity
+
+    g = torch.Generator().manual_seed(side)
+    a = torch.rand(5, 1, side, side, generator=g)
+    b = (a[torch.tensor([0, 1, 2, 0, 4])] + 0.2 * torch.randn(5, 1, side, side, generator=g)).clamp(0, 1)
+    ours = ssim(a, b).numpy()
+    reference = np.array(
+        [
+            [
+                structural_similarity(
+                    x[0].double().numpy(),
+                    y[0].double().numpy(),
+                    data_range=1.0,
+                    gaussian_weights=side >= 11,
+                    sigma=1.5,
+                    use_sample_covariance=False,
+                )
+                for y in b
+            ]
+            for x in a
+        ]
+    )
+    assert np.abs(ours - reference).max() < 1e-6
+    assert reference.max() > 0.5 and reference.min() < 0.1  # near and unrelated pairs both checked
+
+
+def test_nearest_real_finds_a_copied_training_image():
     g = torch.Generator().manual_seed(0)
     members, non_members = torch.rand(50, 1, 8, 8, generator=g), torch.rand(50, 1, 8, 8, generator=g)
     copies = members[:10]
     found = nearest_real(copies, members, non_members)
     assert found["nearest_index"].tolist() == list(range(10)) and np.allclose(found["l2"], 0)
     assert np.allclose(found["distance_ratio"], 0) and np.allclose(found["ssim"], 1, atol=1e-5)
-    assert membership_auc(copies, members[:10], non_members[:10]) == 1.0  # the copied members are found
-    unrelated = torch.rand(10, 1, 8, 8, generator=g)
-    assert abs(membership_auc(unrelated, members, non_members) - 0.5) < 0.2
+    unrelated = nearest_real(torch.rand(10, 1, 8, 8, generator=g), members, non_members)
+    assert 0.8 < np.median(unrelated["distance_ratio"]) < 1.25  # no member closer than the non-members
+
+
+def test_confidence_is_the_log_odds_of_the_own_label():
+    logits = torch.tensor([[2.0, 0.0, 0.0], [0.0, 1.0, -1.0]])
+    p = torch.softmax(logits.double(), 1)
+    expected = [np.log(p[0, 0] / (1 - p[0, 0])), np.log(p[1, 2] / (1 - p[1, 2]))]
+    assert np.allclose(confidence(logits, torch.tensor([0, 2])), expected)
+
+
+def test_likelihood_ratio_finds_members_a_loss_threshold_misses():
+    """Images differ in difficulty far more than training on them moves a model: the plain confidence (a loss
+    threshold) barely tells members, the per-image reference mean does."""
+    rng = np.random.default_rng(0)
+    member = np.r_[np.ones(500, dtype=bool), np.zeros(500, dtype=bool)]
+    difficulty = rng.normal(0, 3, 1000)
+    references = difficulty + rng.normal(0, 0.5, (8, 1000))
+    target = difficulty + 1.0 * member + rng.normal(0, 0.5, 1000)
+    plain = attack_quality(target, member, seed=0)
+    ratio = attack_quality(likelihood_ratio(target, references), member, seed=0)
+    assert plain["auc"] < 0.65 and ratio["auc"] > 0.85, (plain, ratio)
+    assert ratio["auc_low"] < ratio["auc"] < ratio["auc_high"] and ratio["auc_low"] > plain["auc_high"]
+    assert ratio["tpr_at_1pct_fpr"] > 0.1 > plain["tpr_at_1pct_fpr"]
+    chance = attack_quality(rng.normal(size=1000), member, seed=0)
+    assert chance["auc_low"] < 0.5 < chance["auc_high"] and chance["tpr_at_1pct_fpr"] < 0.05
+
+
+def test_membership_attack_finds_members_of_its_positive_controls_only(tmp_path):
+    """The stage's attack on real digits: models trained on the attacked members (the target, the init images) are
+    found above chance; a model that never saw them and one trained on noise images are not."""
+    from ddm_ops.config import Params
+    from stages.audit import membership_attack
+    from stages.common import Paths, dataset, new_model
+
+    params = Params.model_validate(
+        {
+            "data": {"name": "digits", "subset": {"train": 600, "test": 300, "seed": 0}},
+            "report": {"membership_references": 4},
+        }
+    )
+    ds = dataset(params)
+    target = new_model(params, ds)
+    train(target, ds.x_train, ds.y_train, params.train, 0)
+    files = (("train_target", "model.pt", target.state_dict()), ("baselines", "forward_synset.pt", {}))
+    for stage, name, content in files:
+        (tmp_path / "outputs" / stage).mkdir(parents=True)
+        torch.save(content, tmp_path / "outputs" / stage / name)
+    init = torch.arange(0, 600, 2).reshape(10, 30)  # 300 attacked members, 10 "clusters" of 30
+    noise = torch.randn(10, 30, *ds.image_shape, generator=torch.Generator().manual_seed(0))
+    synset = {"images": noise, "init_index": init, "cluster_ids": torch.arange(10)}
+    table, metrics = membership_attack(params, Paths(tmp_path), ds, synset)
+    auc = table.set_index("model")["auc"]
+    print(table)
+    assert auc["target"] > 0.56 and auc["init"] > 0.6  # measured 0.594 and 0.628
+    assert table.set_index("model").loc[["target", "init"], "auc_low"].min() > 0.53  # measured 0.548
+    assert abs(auc["unseen"] - 0.5) < 0.05 and abs(auc["ddm"] - 0.5) < 0.05  # measured 0.476, 0.524
+    assert metrics["privacy.membership.target.auc"] == auc["target"]
 
 
 NOISY = {
@@ -99,7 +183,7 @@ def test_noisy_labels_are_recorded_ranked_and_found(noisy_project):
     assert ranking["rank"].tolist() == list(range(1, 21)) and ranking["loss_effect"].is_monotonic_increasing
     assert ranking["noisy"].sum() == assign["is_noisy"].sum()
     report = json.loads((out / "report/metrics.json").read_text())
-    assert 0 <= report["data_quality.ddm.auc"] <= 1
+    assert report["data_quality.ddm.auc"] > 0.7  # 0.82 measured; 0.5 = chance
     print({k: round(v, 3) for k, v in report.items() if k.startswith(("data_quality", "privacy"))})
     curve = pd.read_parquet(out / "data_quality/removal_curve.parquet")
     assert sorted(curve["strategy"].unique()) == ["ddm", "random"] and sorted(curve["percent"].unique()) == [0, 10, 50]
@@ -115,6 +199,15 @@ def test_privacy_tables_compare_the_synset_with_its_initialisation(noisy_project
     assert np.allclose(init["l2"], 0) and np.allclose(init["distance_ratio"], 0)  # real images: found exactly
     ddm = table[table["synset"] == "ddm"]
     assert (ddm["l2"] > 0).all()
+    attack = pd.read_parquet(noisy_project / "outputs/report/membership.parquet").set_index("model")
+    print(attack)
+    assert attack["role"].to_dict() == {
+        "ddm": "synset",
+        "init": "positive control",
+        "target": "positive control",
+        "unseen": "negative control",
+    }
+    assert ((attack["auc_low"] <= attack["auc"]) & (attack["auc"] <= attack["auc_high"])).all()
 
 
 def _browser():

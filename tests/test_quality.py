@@ -72,6 +72,74 @@ def test_ground_truth_tables(project):
     assert (full["logit"].to_numpy() == target["logit"].to_numpy()).all()
 
 
+def test_ground_truth_on_the_thread_runner_equals_the_serial_one(project, prefect_server, tmp_path, monkeypatch):
+    """The default runner retrains two models at once in two threads: its retrain.parquet is the serial one's, bit
+    for bit (the project's ground truth ran on the serial runner), and nothing came from a cache."""
+    from ddm_ops.config import load_params
+    from stages import ground_truth
+    from stages.common import Paths
+
+    monkeypatch.setenv("DDM_CACHE_DIR", str(tmp_path / "fresh"))
+    params = load_params(project / "params.yaml")
+    threaded = params.execution.model_copy(update={"runner": "thread", "workers": 2, "items_per_task": 1})
+    out = tmp_path / "ground_truth"
+    out.mkdir()
+    threads = torch.get_num_threads()
+    metrics = ground_truth.run(params.model_copy(update={"execution": threaded}), Paths(project), out)
+    torch.set_num_threads(threads)
+    assert metrics["n_cached"] == 0 and metrics["n_retrainings"] == 3 * (1 + 20 + 8)
+    serial = pd.read_parquet(project / "outputs/ground_truth/retrain.parquet")
+    pd.testing.assert_frame_equal(pd.read_parquet(out / "retrain.parquet"), serial, check_exact=True)
+
+
+def test_cache_key_changes_with_everything_that_changes_a_retraining(tmp_path, monkeypatch):
+    import shutil
+
+    from ddm_ops.config import Params
+    from stages import ground_truth
+
+    params = Params.model_validate(TINY)
+    keep, cpu = np.ones(200, dtype=bool), torch.device("cpu")
+
+    def key(p=params, seed=0, keep=keep, device=cpu, **blocks):
+        for block, update in blocks.items():
+            p = p.model_copy(update={block: getattr(p, block).model_copy(update=update)})
+        return ground_truth.cache_key(p, seed, keep, device)
+
+    base = key()
+    assert key(execution={"runner": "thread", "workers": 2}) == base  # the runner does not change a retraining
+    library = tmp_path / "ddm_ops"
+    shutil.copytree(ground_truth.LIBRARY, library, ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setattr(ground_truth, "LIBRARY", library)
+    assert key() == base
+    user = tmp_path / "user"
+    user.mkdir()
+    (user / "mynet.py").write_text("from ddm_ops.models import MLP as Net\n")
+    monkeypatch.syspath_prepend(str(user))
+    mine = Params.model_validate({**TINY, "model": {**TINY["model"], "name": "mynet:Net"}})
+    own = key(p=mine)
+    changed = {
+        "seed": key(seed=1),
+        "kept samples": key(keep=np.r_[False, keep[1:]]),
+        "data": key(data={"test_fraction": 0.3}),
+        "model": key(model={"width": 9}),
+        "train": key(train={"lr": 0.1}),
+        "threads per task": key(execution={"threads_per_worker": 2}),
+        "device": key(device=torch.device("meta")),
+        "user model": own,
+    }
+    with monkeypatch.context() as m:
+        m.setattr(torch, "__version__", "0.0.0")
+        changed["torch version"] = key()
+    (library / "train.py").write_text((library / "train.py").read_text() + "\n# changed\n")
+    changed["ddm_ops code"] = key()
+    (library / "train.py").write_text((library / "train.py").read_text().removesuffix("\n# changed\n"))
+    assert key() == base
+    (user / "mynet.py").write_text("from ddm_ops.models import MLP as Net  # changed\n")
+    changed["user module code"] = key(p=mine)
+    assert base not in changed.values() and len(set(changed.values())) == len(changed), changed
+
+
 def test_ground_truth_is_deterministic(project, tmp_path, monkeypatch):
     """Retraining again from scratch (a fresh cache), as a fan-out task does, gives byte-identical logits."""
     from ddm_ops.config import load_params
