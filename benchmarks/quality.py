@@ -40,14 +40,18 @@ def config(name: str) -> dict:
     return yaml.safe_load((CONFIGS / f"{name}.yaml").read_text())
 
 
-def run_config(name: str, overrides: dict | None = None) -> dict:
-    """`dvc repro` of benchmarks/configs/<name>.yaml (or of `overrides`) in its own project under .work/<name>.
+CACHE = ROOT / "benchmarks" / ".cache"
+
+
+def run_config(name: str, overrides: dict | None = None, folder: Path | None = None, cache: Path = CACHE) -> dict:
+    """`dvc repro` of benchmarks/configs/<name>.yaml (or of `overrides`) in its own project (.work/<name>, or
+    `folder`), retrainings kept in `cache`.
 
     The project is kept between runs with this repository's current code and the params, so DVC reruns only the
     stages whose code or params changed (scripts that read the same config share its outputs).
     """
     overrides = config(name) if overrides is None else overrides
-    folder = WORK / name
+    folder = WORK / name if folder is None else folder
     folder.mkdir(parents=True, exist_ok=True)
     for part in ("ddm_ops", "stages", "pipeline"):
         shutil.rmtree(folder / part, ignore_errors=True)
@@ -57,7 +61,7 @@ def run_config(name: str, overrides: dict | None = None) -> dict:
     env = {
         **os.environ,
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-        "DDM_CACHE_DIR": str(ROOT / "benchmarks" / ".cache"),
+        "DDM_CACHE_DIR": str(cache),
     }
     if not (folder / ".dvc").is_dir():
         for cmd in (["git", "init", "-q"], [sys.executable, "-m", "dvc", "init", "-q"]):
