@@ -355,7 +355,7 @@ def run(params: Params, paths: Paths, out: Path) -> dict:
         side_by_side = methods_table(results, paths, stage_metrics, ddm)
         labels = clusters["label"].to_numpy()
         figure_quality(truth, found, base, ds.y_test.numpy(), labels, results, figures, ddm)
-    side_by_side.to_csv(out / "methods.csv", index=False)  # for `dvc plots`
+    side_by_side.to_csv(out / "methods.csv", index=False)  # tracked by git: `dvc plots diff`, `dvc exp show`
     write_parquet(
         side_by_side,
         out / "methods.parquet",
@@ -386,6 +386,9 @@ def run(params: Params, paths: Paths, out: Path) -> dict:
         }
     )
     top = pd.concat([total.nlargest(5, "total_score"), total.nsmallest(5, "total_score")])
+    total.assign(cluster=[f"{k} (class {c})" for k, c in zip(total["cluster_id"], total["label"])])[
+        ["cluster", "total_score"]
+    ].to_csv(out / "cluster_effects.csv", index=False)  # tracked by git: `dvc plots diff` across experiments
     ranking, found = data_quality(params, tables, ds, figures)
     write_parquet(
         ranking, out / "data_quality.parquet", "Clusters from the most harmful to the most helpful.", RANKING_COLUMNS

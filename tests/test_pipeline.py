@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import re
+import shutil
 import subprocess
 import sys
 
@@ -12,7 +13,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import TINY, dvc, make_project, write_params
+from conftest import ROOT, TINY, chromium, dvc, make_project, write_params
 
 from stages import STAGES
 
@@ -86,14 +87,42 @@ def test_second_repro_runs_nothing_and_a_param_reruns_exactly_its_stages(project
     assert ran(dvc(project, "repro")) == []
 
 
-def test_dvc_exp_run_with_a_set_param(project):
-    subprocess.run(["git", "add", "-A"], cwd=project, check=True)
-    subprocess.run(["git", "commit", "-qm", "lock"], cwd=project, check=True)
+def test_dvc_experiments_compare_metrics_and_plots_across_commits(project):
+    """The user's sequence: run, commit, `dvc exp run -S`, then exp show / metrics diff / plots diff."""
+    git = lambda *a: subprocess.run(["git", *a], cwd=project, check=True, capture_output=True, text=True)  # noqa: E731
+    git("add", "-A")
+    git("commit", "-qm", "lock")
+    tracked = set(git("ls-files", "outputs").stdout.split())
+    small = {f"outputs/{s}/metrics.json" for s in STAGES} | {
+        "outputs/train_target/history.csv",
+        "outputs/distill/matching_curve.csv",
+        "outputs/report/methods.csv",
+        "outputs/report/cluster_effects.csv",
+    }
+    assert tracked == small  # git holds the metrics and plot files, DVC's cache everything else
     # forward matching (baselines) distils with DDM's distill params, for a like-for-like comparison
     expected = ["distill", "perturb", "attribute", "baselines", "data_quality", "report"]
-    assert ran(dvc(project, "exp", "run", "-S", "distill.ipc=2")) == expected
+    assert ran(dvc(project, "exp", "run", "-S", "distill.ipc=2", "-n", "ipc2")) == expected
     synset = torch.load(project / "outputs/distill/synset.pt", weights_only=True)
     assert synset["images"].shape[1] == 2
+    shown = dvc(project, "exp", "show", "--json")
+    assert shown.returncode == 0, shown.stderr
+    baseline = next(r for r in json.loads(shown.stdout) if r["rev"] != "workspace")
+    experiment = baseline["experiments"][0]["revs"][0]
+    assert experiment["name"] == "ipc2"
+    losses = [
+        rev["data"]["metrics"]["outputs/report/metrics.json"]["data"]["matching_loss_last"]
+        for rev in (baseline, experiment)
+    ]
+    assert losses[0] != losses[1]  # both runs' metrics, and they differ
+    diff = dvc(project, "metrics", "diff", "HEAD", "ipc2", "--json")
+    assert diff.returncode == 0, diff.stderr
+    assert "matching_loss_last" in json.loads(diff.stdout)["outputs/distill/metrics.json"]
+    plots = dvc(project, "plots", "diff", "HEAD", "ipc2", "--json")
+    assert plots.returncode == 0, plots.stderr
+    for name, (plot,) in json.loads(plots.stdout)["data"].items():
+        assert plot["revisions"] == ["HEAD", "ipc2"], name
+        assert len({v["rev"] for v in plot["content"]["data"]["values"]}) == 2, name
 
 
 def test_every_pipeline_run_is_an_mlflow_run_with_nested_stage_runs(project):
@@ -161,11 +190,36 @@ def test_explain_one_test_sample(project):
     assert bad.returncode == 2 and "--test-index 99999: not among this run's 60 test samples" in bad.stderr
 
 
-def test_dvc_plots_draw_the_training_curve_matching_loss_and_methods(project):
+def test_dvc_plots_each_once_none_empty_and_the_page_renders_offline(project, tmp_path):
     done = dvc(project, "plots", "show", "--json")
     assert done.returncode == 0, done.stderr
     shown = json.loads(done.stdout)["data"]
-    for plot in ("Training of the target", "Reverse gradient matching loss (median over clusters)"):
-        assert plot in shown, sorted(shown)
+    assert sorted(shown) == [
+        "Gradient matching loss (median over clusters)",
+        "Total effect of each cluster on the test set",
+        "Training of the target",
+    ]
+    for name, plots in shown.items():
+        assert len(plots) == 1 and len(plots[0]["content"]["data"]["values"]) >= 4, name
     history = pd.read_csv(project / "outputs/train_target/history.csv")
     assert list(history["epoch"]) == [0, 1, 2, 3] and history["loss"].iloc[-1] < history["loss"].iloc[0]
+    template = ROOT / ".dvc" / "plots_template.html"
+    assert template.is_file(), "make setup writes .dvc/plots_template.html (python -m pipeline.vega)"
+    shutil.copy(template, project / ".dvc" / "plots_template.html")
+    assert dvc(project, "config", "--local", "plots.html_template", "plots_template.html").returncode == 0
+    page = tmp_path / "plots"
+    assert dvc(project, "plots", "show", "-o", str(page)).returncode == 0
+    text = (page / "index.html").read_text()
+    assert "<script src" not in text  # nothing loaded from elsewhere
+    browser = chromium("--proxy-server=127.0.0.1:9")  # no network
+    try:
+        browser.get((page / "index.html").as_uri())
+        browser.set_window_size(1000, 1600)
+        drawn = browser.execute_script("return document.querySelectorAll('.vega-embed canvas').length")
+        errors = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
+        shot = ROOT / "outputs" / "screenshots" / "dvc_plots.png"  # kept as a CI artifact
+        shot.parent.mkdir(parents=True, exist_ok=True)
+        browser.save_screenshot(str(shot))
+    finally:
+        browser.quit()
+    assert drawn == 3 and not errors, (drawn, errors)
