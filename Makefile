@@ -36,7 +36,7 @@ browser:
 
 run: setup
 	dvc repro
-	@echo "report: outputs/report/report.md   metrics: outputs/report/metrics.json   runs: mlflow ui --backend-store-uri sqlite:///mlflow.db"
+	@echo "report: outputs/report/report.html   metrics: outputs/report/metrics.json   runs and flows: make ui"
 
 flow: setup
 	python -m pipeline flow

@@ -35,6 +35,7 @@ from stages.quality import DDM, METHOD_COLUMNS, figure_quality, methods_table, q
 
 REAL_PER_ROW = 6
 TOP = 3
+HISTORY = ["epoch", "loss", "test_accuracy", "lr"]  # of the target's training, per epoch, for MLflow's charts
 
 
 def figure_synsets(ds: Dataset, synset: dict, assign: pd.DataFrame, path: Path) -> None:
@@ -428,5 +429,9 @@ def run(params: Params, paths: Paths, out: Path) -> dict:
         ],
         tables={"methods.json": side_by_side, f"attribution_{objective}.json": wide.rename(columns=str).reset_index()},
         datasets={"attribution": (every_objective, paths.stage("attribute") / "attribution.parquet")},
+        histories={
+            "train_target": (read_parquet(paths.stage("train_target") / "history.parquet")[HISTORY], "epoch"),
+            "distill": (pd.read_csv(paths.stage("distill") / "matching_curve.csv"), "iteration"),
+        },
     )
     return summary

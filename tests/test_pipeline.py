@@ -148,6 +148,19 @@ def test_every_pipeline_run_is_an_mlflow_run_with_nested_stage_runs(project):
     distill = next(r for r in children if r.data.tags["stage"] == "distill")
     assert distill.data.params["distill.pairing"] == "checkpoint" and "train.lr" not in distill.data.params
     assert distill.data.metrics["distill_seconds"] > 0
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # the model-training view
+    history = pd.read_csv(project / "outputs/train_target/history.csv")
+    trained = next(r for r in children if r.data.tags["stage"] == "train_target")
+    for run_id, key in ((first.info.run_id, "train_target/loss"), (trained.info.run_id, "loss")):
+        losses = client.get_metric_history(run_id, key)
+        assert [m.step for m in losses] == [0, 1, 2, 3] and [m.value for m in losses] == pytest.approx(history["loss"])
+    matching = client.get_metric_history(distill.info.run_id, "loss_median")
+    assert [m.step for m in matching] == list(range(5))  # distill.iterations
+    assert len(client.get_metric_history(first.info.run_id, "distill/loss_median")) == 5
+    seconds = {r.data.tags["stage"]: r.data.metrics["stage_seconds"] for r in children}
+    spans = {r.data.tags["stage"]: (r.info.end_time - r.info.start_time) / 1000 for r in children}
+    assert spans == pytest.approx(seconds, abs=0.002)  # each stage's run lasts its stage's seconds
+    assert (first.info.end_time - first.info.start_time) / 1000 >= sum(seconds.values())  # the parent spans them
 
 
 def test_bad_params_fail_before_training_and_leave_no_output(tmp_path):

@@ -57,7 +57,8 @@ def test_ui_starts_both_servers_and_stops_them(tmp_path):
             break
         lines.append(line.strip())
     try:
-        assert f"MLflow: http://127.0.0.1:{ports['mlflow']}" in lines, (
+        mlflow_page = f"MLflow: http://127.0.0.1:{ports['mlflow']}/#/experiments?workflowType=machine_learning"
+        assert mlflow_page in lines, (
             lines,
             proc.stderr.read() if proc.poll() else "",
         )
