@@ -123,6 +123,13 @@ def test_dvc_experiments_compare_metrics_and_plots_across_commits(project):
     for name, (plot,) in json.loads(plots.stdout)["data"].items():
         assert plot["revisions"] == ["HEAD", "ipc2"], name
         assert len({v["rev"] for v in plot["content"]["data"]["values"]}) == 2, name
+    # back to the committed params: DVC may restore stages from its run cache, never the report, which logs its run
+    assert ran(dvc(project, "exp", "run", "-S", "distill.ipc=1", "-n", "ipc1-again"))[-1] == "report"
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("ddm").experiment_id])
+    assert {"ipc2", "ipc1-again"} <= {r.info.run_name for r in runs}
 
 
 def test_every_pipeline_run_is_an_mlflow_run_with_nested_stage_runs(project):
