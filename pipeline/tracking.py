@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -119,11 +120,15 @@ def log_pipeline_run(
                 mlflow.log_artifacts(str(path), path.name)
             else:
                 mlflow.log_artifact(str(path))
-        for name, table in (tables or {}).items():
-            if len(table):
-                mlflow.log_table(table, artifact_file=name)
-        for name, (frame, source) in (datasets or {}).items():
-            mlflow.log_input(mlflow.data.from_pandas(frame, source=str(source.resolve()), name=name), context=name)
+        with warnings.catch_warnings():  # MLflow's hints on a local file source and on integer columns
+            warnings.filterwarnings("ignore", "The specified dataset source can be interpreted", UserWarning)
+            warnings.filterwarnings("ignore", "Hint: Inferred schema contains integer", UserWarning)
+            for name, table in (tables or {}).items():
+                if len(table):
+                    mlflow.log_table(table, artifact_file=name)
+            for name, (frame, source) in (datasets or {}).items():
+                dataset = mlflow.data.from_pandas(frame, source=str(source.resolve()), name=name)
+                mlflow.log_input(dataset, context=name)
         for stage, metrics in stage_metrics.items():
             child = client.create_run(
                 experiment,

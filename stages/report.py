@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +36,7 @@ from stages.quality import DDM, METHOD_COLUMNS, figure_quality, methods_table, q
 
 REAL_PER_ROW = 6
 TOP = 3
+log = logging.getLogger(__name__)
 HISTORY = ["epoch", "loss", "test_accuracy", "lr"]  # of the target's training, per epoch, for MLflow's charts
 
 
@@ -342,6 +344,8 @@ def run(params: Params, paths: Paths, out: Path) -> dict:
     figures.mkdir()
     tables = RunTables.read(paths)
     clusters = tables.clusters.set_index("cluster_id")
+    if params.ground_truth.enabled:
+        log.info("quality of every method against the retrainings")
     evaluated = quality(tables, paths, params, ds)
     table, side_by_side, undefined = None, pd.DataFrame(columns=list(METHOD_COLUMNS)), []
     if evaluated is not None:
@@ -351,7 +355,7 @@ def run(params: Params, paths: Paths, out: Path) -> dict:
         summary.update({k: v for k, v in flat.items() if np.isfinite(v)})
         undefined = sorted(k for k, v in flat.items() if not np.isfinite(v))
         if undefined:
-            print(f"report: {len(undefined)} metrics undefined (constant prediction or truth), see report.md")
+            log.info("%d metrics undefined (a constant prediction or truth), named in report.md", len(undefined))
         ddm = DDM
         side_by_side = methods_table(results, paths, stage_metrics, ddm)
         labels = clusters["label"].to_numpy()
