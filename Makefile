@@ -20,6 +20,7 @@ $(VENV)/.ready: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev,peers]'
 	@test -d .dvc || dvc init --quiet $$(git rev-parse --git-dir >/dev/null 2>&1 || echo --no-scm)
+	python -m pipeline.vega  # Vega from the npm registry, so `dvc plots show` pages render offline
 	touch $@
 
 # Fashion-MNIST from Debian's package (the benchmark dataset; digits needs nothing).
@@ -35,7 +36,7 @@ browser:
 
 run: setup
 	dvc repro
-	@echo "report: outputs/report/report.md   metrics: outputs/report/metrics.json   runs: mlflow ui --backend-store-uri sqlite:///mlflow.db"
+	@echo "report: outputs/report/report.html   metrics: outputs/report/metrics.json   runs and flows: make ui"
 
 flow: setup
 	python -m pipeline flow

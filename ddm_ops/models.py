@@ -56,7 +56,9 @@ class MLP(nn.Module):
 
 class AlexNet(nn.Module):
     """AlexNet for small images: five 3x3 convs (width, 3, 6, 4, 4 x width channels) with three 2x2 max-pools, then
-    two hidden layers of 8 x width units. No dropout: it would make every gradient that matching compares random."""
+    two hidden layers of 8 x width units. No dropout: it would make every gradient that matching compares random.
+    He initialisation: with torch's default one the signal of this eight-layer ReLU stack without normalisation
+    fades, and on digits its loss stayed at ln 10 for ten epochs (measured)."""
 
     def __init__(self, in_shape: tuple[int, int, int], num_classes: int, width: int):
         super().__init__()
@@ -86,6 +88,10 @@ class AlexNet(nn.Module):
             nn.ReLU(),
             nn.Linear(hidden, num_classes),
         )
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d | nn.Linear):
+                nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+                nn.init.zeros_(m.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.features(x))

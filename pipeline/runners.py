@@ -10,9 +10,11 @@ in which tasks run.
 from __future__ import annotations
 
 import ctypes
+import logging
 import multiprocessing
 import os
 import sys
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from typing import Any
@@ -22,6 +24,8 @@ import torch
 
 from ddm_ops.config import ExecutionParams, ParamsError
 from ddm_ops.devices import resolve_device
+
+log = logging.getLogger(__name__)
 
 M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3  # glibc mallopt parameters
 
@@ -168,16 +172,18 @@ def chunked(items: list[Any], execution: ExecutionParams) -> list[list[Any]]:
 
 
 class Progress:
-    """Items done in a fan-out: a bar in the terminal (none when stderr is not a terminal) and a Prefect progress
-    artifact on the flow run, which the Prefect UI shows."""
+    """Items done in a fan-out: a bar in a terminal, else a log line at every tenth of the work (DVC's logs, CI);
+    and a Prefect progress artifact on the flow run, which the Prefect UI shows."""
 
     def __init__(self, name: str, total: int, unit: str):
         from prefect.artifacts import create_progress_artifact
         from tqdm import tqdm
 
         self.name, self.total, self.unit, self.done = name, total, unit, 0
-        self.bar = tqdm(total=total, desc=name, unit=unit, disable=not sys.stderr.isatty())
+        self.terminal = sys.stderr.isatty()
+        self.bar = tqdm(total=total, desc=name, unit=unit, disable=not self.terminal)
         self.artifact = create_progress_artifact(0.0, key=f"{name}-progress", description=self._text())
+        self.start, self.logged = time.perf_counter(), 0
 
     def _text(self) -> str:
         return f"{self.name}: {self.done} of {self.total} {self.unit}s done"
@@ -188,6 +194,9 @@ class Progress:
         self.done += n
         self.bar.update(n)
         update_progress_artifact(self.artifact, 100.0 * self.done / self.total, description=self._text())
+        if not self.terminal and (10 * self.done // self.total > 10 * self.logged // self.total):
+            self.logged = self.done
+            log.info("%s in %.0f s", self._text(), time.perf_counter() - self.start)
 
     def close(self) -> None:
         self.bar.close()

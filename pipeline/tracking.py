@@ -1,10 +1,12 @@
-"""MLflow tracking: one parent run per pipeline run, a nested run per stage, params, metrics and artifacts."""
+"""MLflow tracking: one parent run per pipeline run, a nested run per stage, params, metrics (with per-epoch and
+per-iteration histories) and artifacts, in an experiment that opens in MLflow's model-training view."""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +15,7 @@ import yaml
 from ddm_ops.config import Params
 
 EXPERIMENT = "ddm"
+KIND = {"mlflow.experimentKind": "custom_model_development"}  # MLflow 3 opens it on the runs table, not GenAI's
 
 
 def tracking_uri(params: Params, root: Path) -> str:
@@ -45,6 +48,34 @@ def _git_commit(root: Path) -> str | None:
     return out.stdout.strip() or None
 
 
+def _experiment(root: Path, name: str) -> str:
+    """The experiment's id, created (artifacts under <project>/mlartifacts) or tagged for the model-training view."""
+    import mlflow
+
+    found = mlflow.get_experiment_by_name(name)
+    if found is None:
+        return mlflow.create_experiment(name, artifact_location=(root / "mlartifacts").resolve().as_uri(), tags=KIND)
+    if found.tags.get("mlflow.experimentKind") != KIND["mlflow.experimentKind"]:
+        mlflow.MlflowClient().set_experiment_tag(found.experiment_id, *next(iter(KIND.items())))
+    return found.experiment_id
+
+
+def _histories(client: Any, run_id: str, histories: dict[str, tuple[Any, str]], prefix: str = "") -> None:
+    """Every numeric column of each history table as a metric over its step column (epoch, iteration)."""
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    metrics = [
+        Metric(f"{prefix}{column}", float(value), now, int(step))
+        for frame, step_column in histories.values()
+        for column in frame.columns
+        if column != step_column
+        for step, value in zip(frame[step_column], frame[column])
+    ]
+    for i in range(0, len(metrics), 1000):  # MLflow's batch limit
+        client.log_batch(run_id, metrics=metrics[i : i + 1000])
+
+
 def log_pipeline_run(
     root: Path,
     params: Params,
@@ -53,39 +84,67 @@ def log_pipeline_run(
     artifacts: list[Path],
     tables: dict[str, Any] | None = None,
     datasets: dict[str, tuple[Any, Path]] | None = None,
+    histories: dict[str, tuple[Any, str]] | None = None,
 ) -> str:
     """Log one pipeline run (parent) with a nested run per stage; return the parent run id.
 
     `tables` ({artifact name: DataFrame}) are logged as MLflow tables, which the UI shows and compares across runs;
-    `datasets` ({name: (DataFrame, file it was read from)}) as the run's MLflow datasets (schema, digest, source).
+    `datasets` ({name: (DataFrame, file it was read from)}) as the run's MLflow datasets (schema, digest, source);
+    `histories` ({stage: (DataFrame, step column)}) as step histories, in the stage's run and as `<stage>/<column>`
+    in the parent. The parent run spans the stages' seconds (`stage_seconds`, which DVC may have restored
+    from an earlier run) laid end to end up to now, each stage's run its own part of it.
     """
     import mlflow
 
     mlflow.set_tracking_uri(tracking_uri(params, root))
-    name = params.report.experiment or EXPERIMENT
-    if mlflow.get_experiment_by_name(name) is None:
-        mlflow.create_experiment(name, artifact_location=(root / "mlartifacts").resolve().as_uri())
-    mlflow.set_experiment(name)
+    client = mlflow.MlflowClient()
+    experiment = _experiment(root, params.report.experiment or EXPERIMENT)
+    mlflow.set_experiment(experiment_id=experiment)
     dumped = params.model_dump(mode="json")
     run_name = os.environ.get("DVC_EXP_NAME") or time.strftime("ddm-%Y%m%d-%H%M%S")
     tags = {"dataset": params.data.name, "git_commit": _git_commit(root) or "unknown"}
     blocks = stage_param_blocks(root)
-    with mlflow.start_run(run_name=run_name, tags=tags) as parent:
+    histories = histories or {}
+    end = int(time.time() * 1000)
+    spans = {s: int(1000 * m.get("stage_seconds", 0.0)) for s, m in stage_metrics.items()}
+    start = end - sum(spans.values())
+    parent = client.create_run(experiment, start_time=start, tags=tags, run_name=run_name)
+    with mlflow.start_run(run_id=parent.info.run_id):
         mlflow.log_params(flatten(dumped))
         mlflow.log_metrics({k: float(v) for k, v in summary.items()})
         mlflow.log_metrics({f"{s}.{k}": float(v) for s, m in stage_metrics.items() for k, v in m.items()})
+        for stage, history in histories.items():
+            _histories(client, parent.info.run_id, {stage: history}, prefix=f"{stage}/")  # a chart section each
         for path in artifacts:
             if path.is_dir():
                 mlflow.log_artifacts(str(path), path.name)
             else:
                 mlflow.log_artifact(str(path))
-        for name, table in (tables or {}).items():
-            if len(table):
-                mlflow.log_table(table, artifact_file=name)
-        for name, (frame, source) in (datasets or {}).items():
-            mlflow.log_input(mlflow.data.from_pandas(frame, source=str(source.resolve()), name=name), context=name)
+        with warnings.catch_warnings():  # MLflow's hints on a local file source and on integer columns
+            warnings.filterwarnings("ignore", "The specified dataset source can be interpreted", UserWarning)
+            warnings.filterwarnings("ignore", "Hint: Inferred schema contains integer", UserWarning)
+            for name, table in (tables or {}).items():
+                if len(table):
+                    mlflow.log_table(table, artifact_file=name)
+            for name, (frame, source) in (datasets or {}).items():
+                dataset = mlflow.data.from_pandas(frame, source=str(source.resolve()), name=name)
+                mlflow.log_input(dataset, context=name)
         for stage, metrics in stage_metrics.items():
-            with mlflow.start_run(run_name=stage, nested=True, tags={**tags, "stage": stage}):
-                mlflow.log_params(flatten({b: dumped[b] for b in blocks.get(stage, []) if b in dumped}))
-                mlflow.log_metrics({k: float(v) for k, v in metrics.items()})
-        return parent.info.run_id
+            child = client.create_run(
+                experiment,
+                start_time=start,
+                tags={**tags, "stage": stage, "mlflow.parentRunId": parent.info.run_id},
+                run_name=stage,
+            )
+            run_id = child.info.run_id
+            own = flatten({b: dumped[b] for b in blocks.get(stage, []) if b in dumped})
+            client.log_batch(
+                run_id,
+                metrics=[mlflow.entities.Metric(k, float(v), end, 0) for k, v in metrics.items()],
+                params=[mlflow.entities.Param(k, str(v)) for k, v in own.items()],
+            )
+            if stage in histories:
+                _histories(client, run_id, {stage: histories[stage]})
+            start += spans[stage]
+            client.set_terminated(run_id, end_time=start)
+    return parent.info.run_id

@@ -38,6 +38,14 @@ def _stop(processes: list[subprocess.Popen]) -> None:
             p.wait()
 
 
+def _experiment_path(store: str, name: str) -> str:
+    """`/<id>` of the project's experiment, so the printed address opens its runs; empty before the first run."""
+    import mlflow
+
+    found = mlflow.MlflowClient(store).get_experiment_by_name(name)
+    return f"/{found.experiment_id}" if found else ""
+
+
 def serve_uis(root: Path, host: str = "127.0.0.1", mlflow_port: int = 5000, prefect_port: int = 4200) -> int:
     """Run both servers until interrupted; return 0 when stopped by a signal, 1 when a server failed."""
     params = load_params(root / "params.yaml")
@@ -56,7 +64,8 @@ def serve_uis(root: Path, host: str = "127.0.0.1", mlflow_port: int = 5000, pref
                 "--backend-store-uri",
                 store,
             ],
-            f"http://{host}:{mlflow_port}",
+            f"http://{host}:{mlflow_port}/#/experiments{_experiment_path(store, params.report.experiment)}"
+            "?workflowType=machine_learning",  # MLflow 3 opens on its GenAI views otherwise
             f"http://{host}:{mlflow_port}/health",
         ),
         "Prefect": (

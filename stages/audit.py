@@ -4,6 +4,7 @@ membership attack on models trained from them."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +52,7 @@ MEMBERSHIP_COLUMNS = {
     "tpr_at_1pct_fpr": "share of members found while calling 1% of the non-members members (0.01: chance)",
 }
 GRID = 8  # members shown per harmful cluster
+log = logging.getLogger(__name__)
 
 
 def _loss_scores(table: pd.DataFrame) -> np.ndarray:
@@ -190,6 +192,7 @@ def membership_attack(params: Params, paths: Paths, ds: Dataset, synset: dict) -
     y = torch.cat([ds.y_train[members], ds.y_test[held_out]])
     is_member = np.r_[np.ones(n, dtype=bool), np.zeros(n, dtype=bool)]
     rest = np.setdiff1d(np.arange(len(ds.x_train)), attacked)
+    log.info("membership attack: training %d reference models and one per kind of synset", n_ref)
 
     def trained(images: torch.Tensor, labels: torch.Tensor, seed: int, label: str) -> np.ndarray:
         model = new_model(params, ds, seed=seed)

@@ -7,6 +7,7 @@ With `perturb.step_size: auto` the step size is first fitted on the ground truth
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 
@@ -36,6 +37,7 @@ from stages.common import (
 
 BASE = -1  # cluster_id of the unperturbed target θ_T in outputs.parquet
 WEIGHTS_PER_PASS = 50_000_000  # removals are batched so that their stacked weights stay below this many numbers
+log = logging.getLogger(__name__)
 
 
 def remove_all(params: Params, paths: Paths, synset: dict, step: float | str) -> dict:
@@ -100,6 +102,7 @@ def remove_all(params: Params, paths: Paths, synset: dict, step: float | str) ->
         gt = load_ground_truth(paths, params)
         truth = torch.from_numpy(gt.cluster[gt.aligned_seed][gt.calibration]).to(device)
         grid = STEP_GRID if params.perturb.update == "sgd" else NEWTON_STEP_GRID
+        log.info("calibrating the step on %d clusters' retrainings over %d sizes", len(gt.calibration), len(grid))
         step, curve = calibrate_step(lambda s: remove(gt.calibration, s)[0], truth, grid)
     remove(np.arange(1), step)  # one-off warm-up, not part of the timed online work
     result: dict = {"step_size": step, "calibration": curve}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +36,8 @@ from stages.quality import DDM, METHOD_COLUMNS, figure_quality, methods_table, q
 
 REAL_PER_ROW = 6
 TOP = 3
+log = logging.getLogger(__name__)
+HISTORY = ["epoch", "loss", "test_accuracy", "lr"]  # of the target's training, per epoch, for MLflow's charts
 
 
 def figure_synsets(ds: Dataset, synset: dict, assign: pd.DataFrame, path: Path) -> None:
@@ -341,6 +344,8 @@ def run(params: Params, paths: Paths, out: Path) -> dict:
     figures.mkdir()
     tables = RunTables.read(paths)
     clusters = tables.clusters.set_index("cluster_id")
+    if params.ground_truth.enabled:
+        log.info("quality of every method against the retrainings")
     evaluated = quality(tables, paths, params, ds)
     table, side_by_side, undefined = None, pd.DataFrame(columns=list(METHOD_COLUMNS)), []
     if evaluated is not None:
@@ -350,12 +355,12 @@ def run(params: Params, paths: Paths, out: Path) -> dict:
         summary.update({k: v for k, v in flat.items() if np.isfinite(v)})
         undefined = sorted(k for k, v in flat.items() if not np.isfinite(v))
         if undefined:
-            print(f"report: {len(undefined)} metrics undefined (constant prediction or truth), see report.md")
+            log.info("%d metrics undefined (a constant prediction or truth), named in report.md", len(undefined))
         ddm = DDM
         side_by_side = methods_table(results, paths, stage_metrics, ddm)
         labels = clusters["label"].to_numpy()
         figure_quality(truth, found, base, ds.y_test.numpy(), labels, results, figures, ddm)
-    side_by_side.to_csv(out / "methods.csv", index=False)  # for `dvc plots`
+    side_by_side.to_csv(out / "methods.csv", index=False)  # tracked by git: `dvc plots diff`, `dvc exp show`
     write_parquet(
         side_by_side,
         out / "methods.parquet",
@@ -386,6 +391,9 @@ def run(params: Params, paths: Paths, out: Path) -> dict:
         }
     )
     top = pd.concat([total.nlargest(5, "total_score"), total.nsmallest(5, "total_score")])
+    total.assign(cluster=[f"{k} (class {c})" for k, c in zip(total["cluster_id"], total["label"])])[
+        ["cluster", "total_score"]
+    ].to_csv(out / "cluster_effects.csv", index=False)  # tracked by git: `dvc plots diff` across experiments
     ranking, found = data_quality(params, tables, ds, figures)
     write_parquet(
         ranking, out / "data_quality.parquet", "Clusters from the most harmful to the most helpful.", RANKING_COLUMNS
@@ -425,5 +433,9 @@ def run(params: Params, paths: Paths, out: Path) -> dict:
         ],
         tables={"methods.json": side_by_side, f"attribution_{objective}.json": wide.rename(columns=str).reset_index()},
         datasets={"attribution": (every_objective, paths.stage("attribute") / "attribution.parquet")},
+        histories={
+            "train_target": (read_parquet(paths.stage("train_target") / "history.parquet")[HISTORY], "epoch"),
+            "distill": (pd.read_csv(paths.stage("distill") / "matching_curve.csv"), "iteration"),
+        },
     )
     return summary

@@ -54,7 +54,7 @@ def make_project(folder: Path, params: dict) -> Path:
         shutil.copytree(ROOT / name, folder / name, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(ROOT / "dvc.yaml", folder / "dvc.yaml")
     write_params(folder, params)
-    (folder / ".gitignore").write_text("/mlflow.db\n/mlartifacts/\n__pycache__/\n")
+    shutil.copy(ROOT / ".gitignore", folder / ".gitignore")  # outputs: only metrics and plot files are tracked
     run = lambda *cmd: subprocess.run(cmd, cwd=folder, check=True, capture_output=True, text=True)  # noqa: E731
     run("git", "init", "-q")
     run("git", "config", "user.email", "test@example.com")
@@ -105,3 +105,32 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def chromium(*flags: str):
+    """Headless Chromium driven by Debian's chromedriver (.ci/run installs both; skips the test without them)."""
+    binary, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    if not (binary and driver):
+        if os.environ.get("DDM_REQUIRE_BROWSER"):
+            pytest.fail("chromium and chromedriver are required here (apt-get install chromium chromium-driver)")
+        pytest.skip("chromium / chromedriver not installed (make browser)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = binary
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--disable-quic",
+        "--no-first-run",
+        *flags,
+    ):
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    return webdriver.Chrome(service=Service(driver), options=options)

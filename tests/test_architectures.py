@@ -20,7 +20,7 @@ STAGES = [s for s in ALL_STAGES if s not in ("baselines", "data_quality", "repor
 SMALL = {
     **TINY,
     "data": {"name": "digits", "subset": {"train": 100, "test": 30, "seed": 0}},
-    "train": {"epochs": 2, "batch_size": 25, "lr": 0.05, "checkpoint_every": 1},
+    "train": {"epochs": 4, "batch_size": 25, "lr": 0.05, "checkpoint_every": 2},
     "cluster": {"k_per_class": 1},
     "distill": {"ipc": 1, "iterations": 4, "checkpoints": 2},
 }
@@ -42,7 +42,10 @@ def test_every_architecture_runs_the_stages(prefect_server, tmp_path, arch):
     for stage in STAGES:
         run_stage(stage, tmp_path)
     metrics = json.loads((tmp_path / "outputs/train_target/metrics.json").read_text())
-    assert metrics["test_accuracy"] > 0.1, metrics  # it learned something in two epochs
+    loss = pd.read_parquet(tmp_path / "outputs/train_target/history.parquet")["loss"].to_numpy()
+    # it learns in four epochs on 100 images: measured accuracy 0.2 (AlexNet, MLP) to 0.7 (ResNet18), chance 0.1;
+    # training loss down by 0.03 (MLP) to 2.0 (ResNet18)
+    assert metrics["test_accuracy"] >= 0.2 and loss[-1] < loss[0] - 0.02, (metrics, loss)
     matching = pd.read_parquet(tmp_path / "outputs/distill/matching.parquet")
     assert np.isfinite(matching["loss"]).all() and matching["cluster_id"].nunique() == 10
     first, last = (matching.groupby("iteration")["loss"].mean().iloc[i] for i in (0, -1))

@@ -4,15 +4,13 @@ corrupted labels (ranking, detection, removal curve, privacy tables, the HTML re
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import ROOT, TINY, reproduced
+from conftest import ROOT, TINY, chromium, reproduced
 
 from ddm_ops.config import LabelNoiseParams
 from ddm_ops.data import flip_labels
@@ -210,39 +208,11 @@ def test_privacy_tables_compare_the_synset_with_its_initialisation(noisy_project
     assert ((attack["auc_low"] <= attack["auc"]) & (attack["auc"] <= attack["auc_high"])).all()
 
 
-def _browser():
-    """Headless Chromium driven by Debian's chromedriver (.ci/run installs both), or None."""
-    chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
-    if not (chromium and driver):
-        if os.environ.get("DDM_REQUIRE_BROWSER"):
-            pytest.fail("chromium and chromedriver are required here (apt-get install chromium chromium-driver)")
-        pytest.skip("chromium / chromedriver not installed (make browser)")
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = chromium
-    for flag in (
-        "--headless=new",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-dev-shm-usage",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--disable-quic",
-        "--no-first-run",
-    ):
-        options.add_argument(flag)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    return webdriver.Chrome(service=Service(driver), options=options)
-
-
 def test_html_report_renders_every_figure_without_console_errors(noisy_project):
     page = noisy_project / "outputs/report/report.html"
     text = page.read_text()
     assert "figures/" not in text and text.count("data:image/png;base64,") >= 6  # self-contained
-    browser = _browser()
+    browser = chromium()
     try:
         browser.set_window_size(1200, 900)
         browser.get(page.as_uri())

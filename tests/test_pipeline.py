@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import re
+import shutil
 import subprocess
 import sys
 
@@ -12,7 +13,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import TINY, dvc, make_project, write_params
+from conftest import ROOT, TINY, chromium, dvc, make_project, write_params
 
 from stages import STAGES
 
@@ -86,14 +87,49 @@ def test_second_repro_runs_nothing_and_a_param_reruns_exactly_its_stages(project
     assert ran(dvc(project, "repro")) == []
 
 
-def test_dvc_exp_run_with_a_set_param(project):
-    subprocess.run(["git", "add", "-A"], cwd=project, check=True)
-    subprocess.run(["git", "commit", "-qm", "lock"], cwd=project, check=True)
+def test_dvc_experiments_compare_metrics_and_plots_across_commits(project):
+    """The user's sequence: run, commit, `dvc exp run -S`, then exp show / metrics diff / plots diff."""
+    git = lambda *a: subprocess.run(["git", *a], cwd=project, check=True, capture_output=True, text=True)  # noqa: E731
+    git("add", "-A")
+    git("commit", "-qm", "lock")
+    tracked = set(git("ls-files", "outputs").stdout.split())
+    small = {f"outputs/{s}/metrics.json" for s in STAGES} | {
+        "outputs/train_target/history.csv",
+        "outputs/distill/matching_curve.csv",
+        "outputs/report/methods.csv",
+        "outputs/report/cluster_effects.csv",
+    }
+    assert tracked == small  # git holds the metrics and plot files, DVC's cache everything else
     # forward matching (baselines) distils with DDM's distill params, for a like-for-like comparison
     expected = ["distill", "perturb", "attribute", "baselines", "data_quality", "report"]
-    assert ran(dvc(project, "exp", "run", "-S", "distill.ipc=2")) == expected
+    assert ran(dvc(project, "exp", "run", "-S", "distill.ipc=2", "-n", "ipc2")) == expected
     synset = torch.load(project / "outputs/distill/synset.pt", weights_only=True)
     assert synset["images"].shape[1] == 2
+    shown = dvc(project, "exp", "show", "--json")
+    assert shown.returncode == 0, shown.stderr
+    baseline = next(r for r in json.loads(shown.stdout) if r["rev"] != "workspace")
+    experiment = baseline["experiments"][0]["revs"][0]
+    assert experiment["name"] == "ipc2"
+    losses = [
+        rev["data"]["metrics"]["outputs/report/metrics.json"]["data"]["matching_loss_last"]
+        for rev in (baseline, experiment)
+    ]
+    assert losses[0] != losses[1]  # both runs' metrics, and they differ
+    diff = dvc(project, "metrics", "diff", "HEAD", "ipc2", "--json")
+    assert diff.returncode == 0, diff.stderr
+    assert "matching_loss_last" in json.loads(diff.stdout)["outputs/distill/metrics.json"]
+    plots = dvc(project, "plots", "diff", "HEAD", "ipc2", "--json")
+    assert plots.returncode == 0, plots.stderr
+    for name, (plot,) in json.loads(plots.stdout)["data"].items():
+        assert plot["revisions"] == ["HEAD", "ipc2"], name
+        assert len({v["rev"] for v in plot["content"]["data"]["values"]}) == 2, name
+    # back to the committed params: DVC may restore stages from its run cache, never the report, which logs its run
+    assert ran(dvc(project, "exp", "run", "-S", "distill.ipc=1", "-n", "ipc1-again"))[-1] == "report"
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("ddm").experiment_id])
+    assert {"ipc2", "ipc1-again"} <= {r.info.run_name for r in runs}
 
 
 def test_every_pipeline_run_is_an_mlflow_run_with_nested_stage_runs(project):
@@ -119,6 +155,19 @@ def test_every_pipeline_run_is_an_mlflow_run_with_nested_stage_runs(project):
     distill = next(r for r in children if r.data.tags["stage"] == "distill")
     assert distill.data.params["distill.pairing"] == "checkpoint" and "train.lr" not in distill.data.params
     assert distill.data.metrics["distill_seconds"] > 0
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # the model-training view
+    history = pd.read_csv(project / "outputs/train_target/history.csv")
+    trained = next(r for r in children if r.data.tags["stage"] == "train_target")
+    for run_id, key in ((first.info.run_id, "train_target/loss"), (trained.info.run_id, "loss")):
+        losses = client.get_metric_history(run_id, key)
+        assert [m.step for m in losses] == [0, 1, 2, 3] and [m.value for m in losses] == pytest.approx(history["loss"])
+    matching = client.get_metric_history(distill.info.run_id, "loss_median")
+    assert [m.step for m in matching] == list(range(5))  # distill.iterations
+    assert len(client.get_metric_history(first.info.run_id, "distill/loss_median")) == 5
+    seconds = {r.data.tags["stage"]: r.data.metrics["stage_seconds"] for r in children}
+    spans = {r.data.tags["stage"]: (r.info.end_time - r.info.start_time) / 1000 for r in children}
+    assert spans == pytest.approx(seconds, abs=0.002)  # each stage's run lasts its stage's seconds
+    assert (first.info.end_time - first.info.start_time) / 1000 >= sum(seconds.values())  # the parent spans them
 
 
 def test_bad_params_fail_before_training_and_leave_no_output(tmp_path):
@@ -161,11 +210,36 @@ def test_explain_one_test_sample(project):
     assert bad.returncode == 2 and "--test-index 99999: not among this run's 60 test samples" in bad.stderr
 
 
-def test_dvc_plots_draw_the_training_curve_matching_loss_and_methods(project):
+def test_dvc_plots_each_once_none_empty_and_the_page_renders_offline(project, tmp_path):
     done = dvc(project, "plots", "show", "--json")
     assert done.returncode == 0, done.stderr
     shown = json.loads(done.stdout)["data"]
-    for plot in ("Training of the target", "Reverse gradient matching loss (median over clusters)"):
-        assert plot in shown, sorted(shown)
+    assert sorted(shown) == [
+        "Gradient matching loss (median over clusters)",
+        "Total effect of each cluster on the test set",
+        "Training of the target",
+    ]
+    for name, plots in shown.items():
+        assert len(plots) == 1 and len(plots[0]["content"]["data"]["values"]) >= 4, name
     history = pd.read_csv(project / "outputs/train_target/history.csv")
     assert list(history["epoch"]) == [0, 1, 2, 3] and history["loss"].iloc[-1] < history["loss"].iloc[0]
+    template = ROOT / ".dvc" / "plots_template.html"
+    assert template.is_file(), "make setup writes .dvc/plots_template.html (python -m pipeline.vega)"
+    shutil.copy(template, project / ".dvc" / "plots_template.html")
+    assert dvc(project, "config", "--local", "plots.html_template", "plots_template.html").returncode == 0
+    page = tmp_path / "plots"
+    assert dvc(project, "plots", "show", "-o", str(page)).returncode == 0
+    text = (page / "index.html").read_text()
+    assert "<script src" not in text  # nothing loaded from elsewhere
+    browser = chromium("--proxy-server=127.0.0.1:9")  # no network
+    try:
+        browser.get((page / "index.html").as_uri())
+        browser.set_window_size(1000, 1600)
+        drawn = browser.execute_script("return document.querySelectorAll('.vega-embed canvas').length")
+        errors = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
+        shot = ROOT / "outputs" / "screenshots" / "dvc_plots.png"  # kept as a CI artifact
+        shot.parent.mkdir(parents=True, exist_ok=True)
+        browser.save_screenshot(str(shot))
+    finally:
+        browser.quit()
+    assert drawn == 3 and not errors, (drawn, errors)

@@ -9,7 +9,19 @@ import sys
 import time
 import urllib.request
 
+import psutil
+import pytest
 from conftest import TINY, write_params
+
+
+def _outside_addresses() -> list[str]:
+    """This machine's IPv4 addresses that are not loopback (where a server bound to 0.0.0.0 would also answer)."""
+    return [
+        a.address
+        for addresses in psutil.net_if_addrs().values()
+        for a in addresses
+        if a.family == socket.AF_INET and not a.address.startswith("127.")
+    ]
 
 
 def _free_port() -> int:
@@ -45,7 +57,8 @@ def test_ui_starts_both_servers_and_stops_them(tmp_path):
             break
         lines.append(line.strip())
     try:
-        assert f"MLflow: http://127.0.0.1:{ports['mlflow']}" in lines, (
+        mlflow_page = f"MLflow: http://127.0.0.1:{ports['mlflow']}/#/experiments?workflowType=machine_learning"
+        assert mlflow_page in lines, (
             lines,
             proc.stderr.read() if proc.poll() else "",
         )
@@ -53,6 +66,14 @@ def test_ui_starts_both_servers_and_stops_them(tmp_path):
         for url in (f"http://127.0.0.1:{ports['mlflow']}/health", f"http://127.0.0.1:{ports['prefect']}/api/health"):
             with urllib.request.urlopen(url, timeout=5) as response:
                 assert response.status == 200
+        outside = _outside_addresses()
+        if not outside:
+            pytest.fail("no non-loopback IPv4 address here to check that the servers do not listen on it")
+        for address in outside:
+            for port in ports.values():
+                with socket.socket() as s:
+                    s.settimeout(5)
+                    assert s.connect_ex((address, port)) != 0, f"{address}:{port} answers: not loopback only"
     finally:
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=60)
