@@ -18,6 +18,12 @@ def cluster_effects(loss_scores: np.ndarray) -> np.ndarray:
     return loss_scores.mean(1)
 
 
+def effect_errors(loss_scores: np.ndarray) -> np.ndarray:
+    """(K,) standard error of each cluster's effect over the test samples it averages: an effect within two of them
+    of 0 may be no more than which test samples there happen to be."""
+    return loss_scores.std(1, ddof=1) / np.sqrt(loss_scores.shape[1])
+
+
 def accuracy_effects(base_logits: torch.Tensor, removed_logits: torch.Tensor, labels: torch.Tensor) -> np.ndarray:
     """(K,) held-out accuracy of θ_T minus that of each removed model θ_{-κ}: positive = the cluster helps."""
     correct = lambda logits: (logits.argmax(-1) == labels).double().mean(-1)  # noqa: E731

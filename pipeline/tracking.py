@@ -40,7 +40,12 @@ def stage_param_blocks(root: Path) -> dict[str, list[str]]:
     return {name: [p for p in spec.get("params", []) if isinstance(p, str)] for name, spec in stages.items()}
 
 
-def _git_commit(root: Path) -> str | None:
+def run_name() -> str:
+    """The MLflow run's name: the DVC experiment's, else the time."""
+    return os.environ.get("DVC_EXP_NAME") or time.strftime("ddm-%Y%m%d-%H%M%S")
+
+
+def git_commit(root: Path) -> str | None:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
     except OSError:
@@ -85,6 +90,7 @@ def log_pipeline_run(
     tables: dict[str, Any] | None = None,
     datasets: dict[str, tuple[Any, Path]] | None = None,
     histories: dict[str, tuple[Any, str]] | None = None,
+    name: str | None = None,
 ) -> str:
     """Log one pipeline run (parent) with a nested run per stage; return the parent run id.
 
@@ -101,14 +107,13 @@ def log_pipeline_run(
     experiment = _experiment(root, params.report.experiment or EXPERIMENT)
     mlflow.set_experiment(experiment_id=experiment)
     dumped = params.model_dump(mode="json")
-    run_name = os.environ.get("DVC_EXP_NAME") or time.strftime("ddm-%Y%m%d-%H%M%S")
-    tags = {"dataset": params.data.name, "git_commit": _git_commit(root) or "unknown"}
+    tags = {"dataset": params.data.name, "git_commit": git_commit(root) or "unknown"}
     blocks = stage_param_blocks(root)
     histories = histories or {}
     end = int(time.time() * 1000)
     spans = {s: int(1000 * m.get("stage_seconds", 0.0)) for s, m in stage_metrics.items()}
     start = end - sum(spans.values())
-    parent = client.create_run(experiment, start_time=start, tags=tags, run_name=run_name)
+    parent = client.create_run(experiment, start_time=start, tags=tags, run_name=name or run_name())
     with mlflow.start_run(run_id=parent.info.run_id):
         mlflow.log_params(flatten(dumped))
         mlflow.log_metrics({k: float(v) for k, v in summary.items()})

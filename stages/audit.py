@@ -14,7 +14,7 @@ import torch
 from ddm_ops import privacy
 from ddm_ops.config import Params
 from ddm_ops.data import Dataset
-from ddm_ops.data_quality import accuracy_effects, cluster_effects, detection, harmful_first
+from ddm_ops.data_quality import accuracy_effects, cluster_effects, detection, effect_errors, harmful_first
 from ddm_ops.train import predict, train
 from stages.attribute import logits_table
 from stages.common import Paths, RunTables, load_tensors, new_model, pyplot, save_figure, show_image, show_pixels
@@ -27,6 +27,8 @@ RANKING_COLUMNS = {
     "size": "training samples",
     "noisy": "members whose label data.label_noise flipped",
     "loss_effect": "rise of the mean test loss when the cluster is removed (negative: removing it helps)",
+    "loss_effect_se": "standard error of loss_effect over the test samples",
+    "verdict": "harmful or helpful when loss_effect is more than two standard errors from 0, else within noise",
     "accuracy_effect": "drop of the test accuracy when the cluster is removed (negative: removing it helps)",
 }
 PRIVACY_COLUMNS = {
@@ -67,7 +69,9 @@ def data_quality(params: Params, tables: RunTables, ds: Dataset, figures: Path) 
         return pd.DataFrame(columns=list(RANKING_COLUMNS)), {}
     assign, clusters = tables.assignments, tables.clusters
     ids, noisy = assign["cluster_id"].to_numpy(), assign["is_noisy"].to_numpy()
-    effects = cluster_effects(_loss_scores(tables.attribution))
+    scores = _loss_scores(tables.attribution)
+    effects, errors = cluster_effects(scores), effect_errors(scores)
+    verdict = np.where(effects < -2 * errors, "harmful", np.where(effects > 2 * errors, "helpful", "within noise"))
     _, _, logits = logits_table(tables.outputs)
     order = harmful_first(effects)
     ranking = pd.DataFrame(
@@ -78,6 +82,8 @@ def data_quality(params: Params, tables: RunTables, ds: Dataset, figures: Path) 
             "size": clusters["size"].to_numpy()[order],
             "noisy": np.bincount(ids, weights=noisy, minlength=len(effects)).astype(int)[order],
             "loss_effect": effects[order],
+            "loss_effect_se": errors[order],
+            "verdict": verdict[order],
             "accuracy_effect": accuracy_effects(logits[0], logits[1:], ds.y_test)[order],
         }
     )
@@ -111,7 +117,7 @@ def figure_harmful(ds: Dataset, assign: pd.DataFrame, ranking: pd.DataFrame, pat
                     ax, ds, ds.x_train[i], f"y={int(ds.y_train[i])}" + (f" (true {true})" if ds.noisy[i] else "")
                 )
         axes[row, 0].text(
-            -0.3, 0.5, f"#{row + 1}\nc{r['cluster_id']}", transform=axes[row, 0].transAxes, ha="right", fontsize=7
+            -0.3, 0.5, f"#{row + 1}\nc{int(r['cluster_id'])}", transform=axes[row, 0].transAxes, ha="right", fontsize=7
         )
     fig.suptitle("Most harmful clusters (removing them lowers the test loss most)", fontsize=9)
     save_figure(fig, path)

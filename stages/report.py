@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,7 @@ import pandas as pd
 
 from ddm_ops.config import Params
 from ddm_ops.data import Dataset
-from pipeline.tracking import flatten, log_pipeline_run
+from pipeline.tracking import EXPERIMENT, flatten, git_commit, log_pipeline_run, run_name
 from stages import STAGES
 from stages.audit import (
     MEMBERSHIP_COLUMNS,
@@ -79,8 +80,12 @@ def figure_heatmap(
         ax.axhline(boundary, color="k", lw=0.3)
     for boundary in np.flatnonzero(np.diff(test_labels[cols])) + 0.5:
         ax.axvline(boundary, color="k", lw=0.3)
-    ax.set_xlabel("test samples (grouped by class)")
-    ax.set_ylabel("clusters (grouped by class)")
+    for axis, labels in ((ax.yaxis, cluster_labels[rows]), (ax.xaxis, test_labels[cols])):
+        classes, first = np.unique(labels, return_index=True)
+        counts = np.bincount(labels)[classes]
+        axis.set_ticks(first + counts / 2 - 0.5, [f"class {c}" for c in classes], fontsize=7)
+    ax.set_xlabel("test samples, grouped by class")
+    ax.set_ylabel("clusters, grouped by class")
     ax.set_title(f"Attribution: drop of the {objective} when the cluster is removed (red = the cluster helps)")
     fig.colorbar(im, ax=ax, fraction=0.03)
     save_figure(fig, path)
@@ -156,6 +161,36 @@ def summarise(stage_metrics: dict[str, dict]) -> dict[str, float]:
     }
 
 
+HEADLINE = {  # summary key: (what it is, format)
+    "test_accuracy": ("test accuracy of the trained model", "{:.1%}"),
+    "train_seconds": ("seconds to train the model once", "{:.1f} s"),
+    "seconds_per_removal": ("seconds to remove one cluster with its synset (a real model with outputs)", "{:.4f} s"),
+    "speedup_per_removal": ("how many removals fit in one training of the model", "{:.0f}×"),
+    "seconds_per_retraining": ("seconds of one retraining without a cluster (the ground truth)", "{:.1f} s"),
+    "speedup_vs_retraining": ("one retraining's seconds over one removal's", "{:.0f}×"),
+    "online_seconds": ("seconds to attribute every test sample to every cluster", "{:.2f} s"),
+    "online_fraction_of_training": ("those seconds as a share of one training", "{:.2f}×"),
+    "distill_seconds": ("seconds to distil every cluster's synset (offline, once)", "{:.0f} s"),
+    "distill_overhead": ("distillation in trainings of the model", "{:.1f} trainings"),
+    "curvature_seconds": ("seconds to fit the curvature used by the removal (offline, once)", "{:.1f} s"),
+    "offline_overhead": ("all offline work in trainings of the model", "{:.1f} trainings"),
+    "step_size": ("removal step size (perturb.step_size, or calibrated on retrainings)", "{:.3g}"),
+    "matching_loss_first": ("gradient-matching loss, median over clusters, first iteration", "{:.3g}"),
+    "matching_loss_last": ("the same at the last iteration (lower: the synsets imitate their clusters)", "{:.3g}"),
+}
+
+
+def _headline(summary: dict) -> list[str]:
+    """The run's headline numbers with what each means and its unit (raw keys are in metrics.json)."""
+    rows = ["| | value | key in metrics.json |", "|---|---|---|"]
+    for key, value in summary.items():
+        if "." in key:  # the rest: in their sections
+            continue
+        what, fmt = HEADLINE.get(key, (key, "{:.4g}"))
+        rows.append(f"| {what} | {fmt.format(value)} | `{key}` |")
+    return rows
+
+
 def _quality_markdown(table: pd.DataFrame, side_by_side: pd.DataFrame, undefined: list[str]) -> list[str]:
     methods = table[table["method"] != "reference"].set_index("method").dropna(axis=1, how="all")
     reference = table[table["method"] == "reference"].set_index("method").dropna(axis=1)
@@ -208,7 +243,10 @@ def _audit_markdown(
             "## Data quality",
             "",
             "Clusters ranked by their effect on the test loss (negative: removing the cluster lowers the loss, the "
-            "cluster hurts); the full ranking is in `data_quality.parquet`.",
+            "cluster hurts), each next to its standard error over the test samples; only a `harmful` verdict (more "
+            "than two standard errors below 0) is a reason to look at a cluster's data, `within noise` is not. "
+            f"{(ranking['verdict'] == 'harmful').sum()} of {len(ranking)} clusters are harmful by that test. The "
+            "full ranking is in `data_quality.parquet`.",
             "",
             ranking.head(10).to_markdown(index=False, floatfmt=".4g"),
             "",
@@ -264,19 +302,36 @@ def _markdown(
     side_by_side: pd.DataFrame,
     undefined: list[str],
     audit: list[str],
+    run: dict[str, str],
+    n_test: int,
 ) -> str:
     lines = [
         f"# DDM report: {params.data.name}, {params.model.name}, K = {k} clusters",
         "",
-        "| metric | value |",
-        "|---|---|",
-        *[f"| {k} | {v:.4g} |" for k, v in summary.items() if "." not in k],  # the rest: in their sections
+        f"Run `{run['name']}` (MLflow experiment `{run['experiment']}`), git commit `{run['commit']}`, {run['date']}.",
         "",
-        f"Scores are drops of the test {objective} when a cluster is removed (positive: the cluster helps).",
+        f"This page says which groups of training images (K = {k} clusters, each within one class) made the model "
+        "predict what it predicts on the test images. Each cluster was distilled into a few synthetic images; "
+        "removing a cluster from the trained model means a few update steps with them, and its **score** on a test "
+        f"image is how much the test {objective} drops when it is removed: positive, the cluster helps that "
+        "prediction; negative, it hurts it; near 0, it does not matter. Scores add up over test images to a "
+        "cluster's total effect. "
+        + (
+            "The quality section measures every score against retraining the model without each cluster."
+            if quality is not None
+            else "Set ground_truth.enabled to measure them against retraining without each cluster."
+        ),
+        "",
+        *_headline(summary),
         "",
         "## Clusters with the largest total effect on the test set",
         "",
-        top.to_markdown(index=False),
+        f"The five most helpful clusters, then the five least helpful (most harmful first): their scores summed "
+        f"over the {n_test} test images.",
+        "",
+        top.rename(
+            columns={"cluster_id": "cluster", "label": "class", "size": "training images", "total_score": "total score"}
+        ).to_markdown(index=False, floatfmt=("g", "g", "g", ".3f")),
         "",
         *(_quality_markdown(quality, side_by_side, undefined) if quality is not None else []),
         *audit,
@@ -411,7 +466,15 @@ def run(params: Params, paths: Paths, out: Path) -> dict:
     )
     summary.update({**found, **measured, **attacked})
     audit = _audit_markdown(summary, ranking, leakage, membership, len(tables.removal_curve) > 0)
-    markdown = _markdown(params, summary, top, objective, len(cluster_ids), table, side_by_side, undefined, audit)
+    run = {
+        "name": run_name(),
+        "experiment": params.report.experiment or EXPERIMENT,
+        "commit": (git_commit(paths.root) or "none")[:10],
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+    }
+    markdown = _markdown(
+        params, summary, top, objective, len(cluster_ids), table, side_by_side, undefined, audit, run, len(ds.x_test)
+    )
     (out / "report.md").write_text(markdown)
     (out / "report.html").write_text(render_html(markdown, out, params))
     log_pipeline_run(
@@ -437,5 +500,6 @@ def run(params: Params, paths: Paths, out: Path) -> dict:
             "train_target": (read_parquet(paths.stage("train_target") / "history.parquet")[HISTORY], "epoch"),
             "distill": (pd.read_csv(paths.stage("distill") / "matching_curve.csv"), "iteration"),
         },
+        name=run["name"],
     )
     return summary

@@ -14,7 +14,7 @@ from conftest import ROOT, TINY, chromium, reproduced
 
 from ddm_ops.config import LabelNoiseParams
 from ddm_ops.data import flip_labels
-from ddm_ops.data_quality import detection, least_useful
+from ddm_ops.data_quality import detection, effect_errors, least_useful
 from ddm_ops.privacy import attack_quality, confidence, likelihood_ratio, nearest_real, psnr, ssim
 from ddm_ops.train import train
 
@@ -32,6 +32,11 @@ def test_detection_auc_and_share_found_by_inspection():
     # 5% of 30 samples = 1.5 samples of cluster 1 (6 noisy of 10) -> 0.9 noisy found, of 8
     assert found["found_at_5"] == pytest.approx(0.9 / 8)
     assert found["found_at_20"] == pytest.approx(3.6 / 8)
+
+
+def test_effect_errors_are_standard_errors_over_test_samples():
+    scores = np.array([[1.0, 3.0, 5.0, 7.0], [2.0, 2.0, 2.0, 2.0]])
+    assert effect_errors(scores) == pytest.approx([np.std([1, 3, 5, 7], ddof=1) / 2, 0.0])
 
 
 def test_least_useful_takes_whole_clusters_closest_to_the_share():
@@ -179,6 +184,9 @@ def test_noisy_labels_are_recorded_ranked_and_found(noisy_project):
     assert 0.2 <= assign["is_noisy"].mean() < 0.35
     ranking = pd.read_parquet(out / "report/data_quality.parquet")
     assert ranking["rank"].tolist() == list(range(1, 21)) and ranking["loss_effect"].is_monotonic_increasing
+    harmful = ranking["loss_effect"] < -2 * ranking["loss_effect_se"]
+    assert (ranking["verdict"] == "harmful").tolist() == harmful.tolist() and (ranking["loss_effect_se"] > 0).all()
+    print(ranking[["cluster_id", "noisy", "size", "loss_effect", "loss_effect_se", "verdict"]])
     assert ranking["noisy"].sum() == assign["is_noisy"].sum()
     report = json.loads((out / "report/metrics.json").read_text())
     assert report["data_quality.ddm.auc"] > 0.7  # 0.82 measured; 0.5 = chance
@@ -211,6 +219,14 @@ def test_privacy_tables_compare_the_synset_with_its_initialisation(noisy_project
 def test_html_report_renders_every_figure_without_console_errors(noisy_project):
     page = noisy_project / "outputs/report/report.html"
     text = page.read_text()
+    for part in (  # what a newcomer reads first: what the page shows, the run, the headline numbers in words
+        "This page says which groups of training images",
+        "(MLflow experiment <code>ddm</code>), git commit <code>",
+        "test accuracy of the trained model",
+        "seconds to remove one cluster with its synset",
+        "only a <code>harmful</code> verdict",
+    ):
+        assert part in text, part
     assert "figures/" not in text and text.count("data:image/png;base64,") >= 6  # self-contained
     browser = chromium()
     try:
