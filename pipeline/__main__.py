@@ -40,8 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
         if args.command == "run":
-            from pipeline.stage import run_stage
+            from pipeline.stage import run_stage, stop_on_interrupt
 
+            stop_on_interrupt(args.stage, args.root)
             run_stage(args.stage, args.root)
         elif args.command == "flow":
             from pipeline.flow import ddm_pipeline

@@ -13,7 +13,9 @@ import ctypes
 import logging
 import multiprocessing
 import os
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
@@ -26,6 +28,21 @@ from ddm_ops.config import ExecutionParams, ParamsError
 from ddm_ops.devices import resolve_device
 
 log = logging.getLogger(__name__)
+RUNNING: list[str] = []  # ids of the fan-out flow runs in progress in this process
+
+
+def cancel_running_flow(timeout: float = 5.0) -> None:
+    """Mark the fan-out flow runs in progress Cancelled on the Prefect server (best effort: at most `timeout`)."""
+    from prefect import get_client
+    from prefect.states import Cancelled
+
+    try:
+        with get_client(sync_client=True, httpx_settings={"timeout": timeout}) as client:
+            for run_id in list(RUNNING):
+                client.set_flow_run_state(run_id, Cancelled(message="interrupted (Ctrl-C)"), force=True)
+    except Exception as err:  # the server may be gone too: the interrupt must still end the stage
+        print(f"could not mark the flow run cancelled: {type(err).__name__}", file=sys.stderr)
+
 
 M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3  # glibc mallopt parameters
 
@@ -114,6 +131,8 @@ class TaskFailed(RuntimeError):
 def run_items(fn: Callable[..., Any], items: list[dict[str, Any]], key: str, threads: int, label: str) -> list[Any]:
     """One Prefect task (`label` is its name in the UI): fn(**item) for each item in turn, in a tuned process."""
     tune_process(threads)
+    if multiprocessing.parent_process() is not None and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a worker process: the stage's own process handles Ctrl-C
     results = []
     for item in items:
         try:
@@ -251,6 +270,9 @@ def fan_out(
     @flow(name=f"{name}-fan-out", task_runner=task_runner(execution, device), validate_parameters=False)
     def fan_out_flow() -> list[Any]:
         from prefect.futures import as_completed
+        from prefect.runtime import flow_run
+
+        RUNNING.append(flow_run.id)
 
         with _placement(execution, device):
             futures = [unit.submit(fn, chunk, key, threads, label(chunk)) for chunk in chunks]
@@ -267,6 +289,7 @@ def fan_out(
                 progress.advance(len(chunks[i]))
         finally:
             progress.close()
+            RUNNING.remove(flow_run.id)
         return [r for i in range(len(chunks)) for r in results[i]]
 
     if execution.runner in ("serial", "thread"):

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
+import shutil
+import signal
+import sys
 import time
 from pathlib import Path
 
@@ -29,3 +33,36 @@ def run_stage(stage: str, root: Path = Path("."), params_file: str = "params.yam
         write_json(out / "metrics.json", metrics)
     log.info("%s done in %.1f s", stage, metrics["stage_seconds"])
     return metrics
+
+
+def stop_on_interrupt(stage: str, root: Path = Path(".")) -> None:
+    """Make Ctrl-C (SIGINT) or SIGTERM end a stage run from the command line at once, on every runner.
+
+    Work in threads, worker processes or a Dask cluster cannot be interrupted where it is, and the terminal's Ctrl-C
+    also stops Prefect's temporary server, after which a fan-out would keep going without it. So the handler prints
+    one line, marks the fan-out's flow run Cancelled on a Prefect server of your own (PREFECT_API_URL), removes the
+    stage's outputs and staging folder (nothing is left that looks valid), stops this process's children and exits
+    with 128 + the signal's number, without waiting for the work in flight.
+    """
+    final = Paths(root.resolve()).stage(stage)
+    own_server = bool(os.environ.get("PREFECT_API_URL"))  # not the temporary one the stage may start
+
+    def handler(signum: int, _frame) -> None:
+        print(f"{stage}: interrupted; nothing of it is kept (dvc repro redoes it)", file=sys.stderr, flush=True)
+        if own_server:
+            from pipeline.runners import cancel_running_flow
+
+            cancel_running_flow()
+        for path in (final, final.with_name(f".{final.name}.staging")):
+            shutil.rmtree(path, ignore_errors=True)
+        import psutil
+
+        for child in psutil.Process().children(recursive=True):
+            try:
+                child.kill()
+            except psutil.Error:
+                pass
+        os._exit(128 + signum)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, handler)

@@ -90,7 +90,15 @@ def reproduced(folder: Path, params: dict, *targets: str) -> Path:
     return folder
 
 
-SLOWEST_FIRST = ["test_quality", "test_runners", "test_pipeline", "test_audit", "test_architectures", "test_flow"]
+SLOWEST_FIRST = [
+    "test_quality",
+    "test_runners",
+    "test_pipeline",
+    "test_audit",
+    "test_interrupt",
+    "test_architectures",
+    "test_flow",
+]
 
 
 def pytest_collection_modifyitems(config, items):
