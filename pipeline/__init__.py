@@ -12,11 +12,3 @@ for _key, _value in {
     "TQDM_DISABLE": "1",  # libraries' progress bars (dattri's); this project's own bars say when to show
 }.items():
     os.environ.setdefault(_key, _value)
-
-if not os.environ.get("PREFECT_API_URL"):
-    # Prefect's temporary server lives only as long as one stage: its run links ("View at http://127.0.0.1:…") are
-    # dead once the stage ends, and every task's "Finished in state Completed()" says less than the fan-out's own
-    # progress lines. Warnings and errors (a retried or failed task) still show; with a server of your own
-    # (PREFECT_API_URL, e.g. make ui) Prefect logs as usual.
-    for _logger in ("PREFECT", "PREFECT_FLOW_RUNS", "PREFECT_TASK_RUNS"):
-        os.environ.setdefault(f"PREFECT_LOGGING_LOGGERS_{_logger}_LEVEL", "WARNING")

@@ -46,7 +46,9 @@ def main(argv: list[str] | None = None) -> int:
             run_stage(args.stage, args.root)
         elif args.command == "flow":
             from pipeline.flow import ddm_pipeline
+            from pipeline.runners import quiet_prefect
 
+            quiet_prefect()
             ddm_pipeline(str(args.root))
         elif args.command == "explain":
             from pipeline.explain import explain as explain_sample

@@ -31,6 +31,33 @@ log = logging.getLogger(__name__)
 RUNNING: list[str] = []  # ids of the fan-out flow runs in progress in this process
 
 
+class _PrefectChatter(logging.Filter):
+    """Prefect's per-run lines when its server is the temporary one a stage starts: its run links ("View at
+    http://127.0.0.1:…") die with the stage, and a "Finished in state Completed()" per task says less than the
+    fan-out's own progress lines. Warnings, errors and everything else pass."""
+
+    NOISE = (
+        "View at ",
+        "Finished in state Completed()",
+        "Beginning flow run",
+        "Starting temporary server",
+        "Stopping temporary server",
+    )
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno > logging.INFO or not record.getMessage().startswith(self.NOISE)
+
+
+def quiet_prefect() -> None:
+    """Drop Prefect's per-run chatter unless a Prefect server of your own (PREFECT_API_URL) keeps the runs."""
+    if os.environ.get("PREFECT_API_URL"):
+        return
+    for name in ("prefect", "prefect.flow_runs", "prefect.task_runs"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _PrefectChatter) for f in logger.filters):
+            logger.addFilter(_PrefectChatter())
+
+
 def cancel_running_flow(timeout: float = 5.0) -> None:
     """Mark the fan-out flow runs in progress Cancelled on the Prefect server (best effort: at most `timeout`)."""
     from prefect import get_client
@@ -294,5 +321,6 @@ def fan_out(
 
     if execution.runner in ("serial", "thread"):
         tune_process(threads)
+    quiet_prefect()
     with shared_prefect_api():
         return fan_out_flow()

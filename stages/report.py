@@ -66,6 +66,23 @@ def figure_synsets(ds: Dataset, synset: dict, assign: pd.DataFrame, path: Path) 
     save_figure(fig, path)
 
 
+def figure_thumbnail(ds: Dataset, synset: dict, assign: pd.DataFrame, cid: int, path: Path, n: int = 4) -> None:
+    """A strip for a table cell: the cluster's first synset image, then its `n` real members nearest the centroid."""
+    plt = pyplot()
+    k = int(np.flatnonzero(synset["cluster_ids"].numpy() == cid)[0])
+    members = assign[assign["cluster_id"] == cid].sort_values("centroid_distance").index[:n]
+    fig, axes = plt.subplots(1, 1 + n, figsize=(0.45 * (1 + n), 0.5), squeeze=False)
+    show_image(axes[0, 0], ds, synset["images"][k, 0])
+    for j in range(n):
+        if j < len(members):
+            show_image(axes[0, 1 + j], ds, ds.x_train[members[j]])
+        else:
+            axes[0, 1 + j].axis("off")
+    fig.subplots_adjust(left=0.01, right=0.99, top=0.98, bottom=0.02, wspace=0.1)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
 def figure_heatmap(
     matrix: np.ndarray, cluster_labels: np.ndarray, test_labels: np.ndarray, objective: str, path: Path
 ) -> None:
@@ -327,11 +344,11 @@ def _markdown(
         "## Clusters with the largest total effect on the test set",
         "",
         f"The five most helpful clusters, then the five least helpful (most harmful first): their scores summed "
-        f"over the {n_test} test images.",
+        f"over the {n_test} test images; each with its first synset image and four real members.",
         "",
         top.rename(
             columns={"cluster_id": "cluster", "label": "class", "size": "training images", "total_score": "total score"}
-        ).to_markdown(index=False, floatfmt=("g", "g", "g", ".3f")),
+        ).to_markdown(index=False, floatfmt=("g", "g", "g", ".3f", "")),
         "",
         *(_quality_markdown(quality, side_by_side, undefined) if quality is not None else []),
         *audit,
@@ -446,6 +463,9 @@ def run(params: Params, paths: Paths, out: Path) -> dict:
         }
     )
     top = pd.concat([total.nlargest(5, "total_score"), total.nsmallest(5, "total_score")])
+    for cid in top["cluster_id"]:
+        figure_thumbnail(ds, synset, assign, int(cid), figures / f"cluster_{cid}.png")
+    top["synset, then real members"] = [f"![cluster {c}](figures/cluster_{c}.png)" for c in top["cluster_id"]]
     total.assign(cluster=[f"{k} (class {c})" for k, c in zip(total["cluster_id"], total["label"])])[
         ["cluster", "total_score"]
     ].to_csv(out / "cluster_effects.csv", index=False)  # tracked by git: `dvc plots diff` across experiments

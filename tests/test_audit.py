@@ -246,6 +246,7 @@ def test_html_report_renders_every_figure_without_console_errors(noisy_project):
     alts = [alt for alt, _ in images]
     for figure in ("synsets", "heatmap", "examples", "harmful clusters", "removal curve", "privacy"):
         assert figure in alts, alts
+    assert sum(alt.startswith("cluster ") for alt in alts) == 10  # a thumbnail per row of the top-clusters table
     assert all(ok for _, ok in images), images
     assert not errors, errors
     assert Path(shot).stat().st_size > 10_000
