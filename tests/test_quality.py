@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -209,3 +210,19 @@ def test_one_row_per_method_with_quality_and_costs(project):
     privacy = pd.read_parquet(project / "outputs/report/privacy.parquet")
     assert set(privacy["synset"]) == {"ddm", "init"}  # forward_matching's 2 images per cluster: not comparable
     print(methods.round(4).to_string())
+
+
+def test_the_mlflow_run_holds_every_method_and_its_quality(project, tmp_path):
+    """What the README promises of the MLflow run with ground truth: methods.json (one row per method) and the
+    quality metrics, read back through MLflow's client."""
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("ddm").experiment_id])
+    parent = next(r for r in runs if "mlflow.parentRunId" not in r.data.tags)
+    logged = json.loads(Path(client.download_artifacts(parent.info.run_id, "methods.json", str(tmp_path))).read_text())
+    methods = pd.DataFrame(logged["data"], columns=logged["columns"])
+    expected = pd.read_parquet(project / "outputs/report/methods.parquet")
+    assert sorted(methods["method"]) == sorted(expected["method"])
+    report = json.loads((project / "outputs/report/metrics.json").read_text())
+    assert parent.data.metrics["ddm.lds_margin_aligned"] == pytest.approx(report["ddm.lds_margin_aligned"])
