@@ -28,6 +28,15 @@ def stage_graph(root: Path) -> dict[str, list[str]]:
         return {names[s]: sorted(names[d] for d in graph.successors(s) if d in names) for s in names}
 
 
+DVC_HINTS = (  # what DVC says after every repro, seven times in a flow; the user commits once, at the end
+    "To track the changes with git",
+    "git add dvc.lock",
+    "To enable auto staging",
+    "dvc config core.autostage",
+    "Use `dvc push`",
+)
+
+
 @task(name="dvc-repro", task_run_name="{stage}")
 def repro_stage(stage: str, root: str) -> str:
     """`dvc repro --single-item <stage>`, with its output in the task's log; raises with the tail on failure."""
@@ -49,7 +58,8 @@ def repro_stage(stage: str, root: str) -> str:
     assert proc.stdout is not None
     for line in proc.stdout:
         tail.append(line.rstrip())
-        logger.info("%s", line.rstrip())
+        if line.strip() and not line.strip().startswith(DVC_HINTS):
+            logger.info("%s", line.rstrip())
     if proc.wait() != 0:
         raise RuntimeError(f"stage {stage} failed (dvc repro exit {proc.returncode}):\n" + "\n".join(tail))
     return stage

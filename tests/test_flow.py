@@ -29,6 +29,15 @@ async def _flow_runs_named_during(name, flow_run_id):
     return [r for r in runs if r.start_time and outer.start_time <= r.start_time <= outer.end_time]
 
 
+async def _log_lines(flow_run_id):
+    from prefect import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    async with get_client() as client:
+        logs = await client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
+    return [log.message for log in logs]
+
+
 def test_flow_runs_one_task_per_dvc_stage(prefect_server, tmp_path):
     from pipeline.flow import ddm_pipeline, stage_graph
 
@@ -49,6 +58,8 @@ def test_flow_runs_one_task_per_dvc_stage(prefect_server, tmp_path):
     tasks = asyncio.run(_task_runs(fan_out[0].id))
     assert sorted(t.name for t in tasks) == sorted(f"distill-cluster_id-{c}" for c in range(20))
     assert (folder / "outputs/attribute/attribution.parquet").is_file()
+    lines = asyncio.run(_log_lines(state.state_details.flow_run_id))  # each stage's output, without DVC's hints
+    assert "Running stage 'distill':" in lines and not any("git add dvc.lock" in line for line in lines)
 
 
 def test_bad_params_fail_the_flow_before_any_stage(prefect_server, tmp_path):
