@@ -15,7 +15,7 @@ import yaml
 from ddm_ops.config import Params
 
 EXPERIMENT = "ddm"
-KIND = {"mlflow.experimentKind": "custom_model_development"}  # MLflow 3 opens it on the runs table, not GenAI's
+KIND_TAG, KIND = "mlflow.experimentKind", "custom_model_development"  # MLflow 3: the runs table, not GenAI's
 
 
 def tracking_uri(params: Params, root: Path) -> str:
@@ -59,23 +59,23 @@ def _experiment(root: Path, name: str) -> str:
 
     found = mlflow.get_experiment_by_name(name)
     if found is None:
-        return mlflow.create_experiment(name, artifact_location=(root / "mlartifacts").resolve().as_uri(), tags=KIND)
-    if found.tags.get("mlflow.experimentKind") != KIND["mlflow.experimentKind"]:
-        mlflow.MlflowClient().set_experiment_tag(found.experiment_id, *next(iter(KIND.items())))
+        location = (root / "mlartifacts").resolve().as_uri()
+        return mlflow.create_experiment(name, artifact_location=location, tags={KIND_TAG: KIND})
+    if found.tags.get(KIND_TAG) != KIND:
+        mlflow.MlflowClient().set_experiment_tag(found.experiment_id, KIND_TAG, KIND)
     return found.experiment_id
 
 
-def _histories(client: Any, run_id: str, histories: dict[str, tuple[Any, str]], prefix: str = "") -> None:
-    """Every numeric column of each history table as a metric over its step column (epoch, iteration)."""
+def _history(client: Any, run_id: str, frame: Any, step: str, prefix: str = "") -> None:
+    """Every other column of `frame` as a metric over its `step` column (epoch, iteration)."""
     from mlflow.entities import Metric
 
     now = int(time.time() * 1000)
     metrics = [
-        Metric(f"{prefix}{column}", float(value), now, int(step))
-        for frame, step_column in histories.values()
+        Metric(f"{prefix}{column}", float(value), now, int(at))
         for column in frame.columns
-        if column != step_column
-        for step, value in zip(frame[step_column], frame[column])
+        if column != step
+        for at, value in zip(frame[step], frame[column])
     ]
     for i in range(0, len(metrics), 1000):  # MLflow's batch limit
         client.log_batch(run_id, metrics=metrics[i : i + 1000])
@@ -118,8 +118,8 @@ def log_pipeline_run(
         mlflow.log_params(flatten(dumped))
         mlflow.log_metrics({k: float(v) for k, v in summary.items()})
         mlflow.log_metrics({f"{s}.{k}": float(v) for s, m in stage_metrics.items() for k, v in m.items()})
-        for stage, history in histories.items():
-            _histories(client, parent.info.run_id, {stage: history}, prefix=f"{stage}/")  # a chart section each
+        for stage, (frame, step) in histories.items():
+            _history(client, parent.info.run_id, frame, step, prefix=f"{stage}/")  # a chart section each
         for path in artifacts:
             if path.is_dir():
                 mlflow.log_artifacts(str(path), path.name)
@@ -149,7 +149,7 @@ def log_pipeline_run(
                 params=[mlflow.entities.Param(k, str(v)) for k, v in own.items()],
             )
             if stage in histories:
-                _histories(client, run_id, {stage: histories[stage]})
+                _history(client, run_id, *histories[stage])
             start += spans[stage]
             client.set_terminated(run_id, end_time=start)
     return parent.info.run_id

@@ -17,7 +17,17 @@ from ddm_ops.data import Dataset
 from ddm_ops.data_quality import accuracy_effects, cluster_effects, detection, effect_errors, harmful_first
 from ddm_ops.train import predict, train
 from stages.attribute import logits_table
-from stages.common import Paths, RunTables, load_tensors, new_model, pyplot, save_figure, show_image, show_pixels
+from stages.common import (
+    Paths,
+    RunTables,
+    load_tensors,
+    nearest_members,
+    new_model,
+    pyplot,
+    save_figure,
+    show_image,
+    show_pixels,
+)
 from stages.quality import DDM
 
 RANKING_COLUMNS = {
@@ -106,7 +116,7 @@ def figure_harmful(ds: Dataset, assign: pd.DataFrame, ranking: pd.DataFrame, pat
     plt = pyplot()
     fig, axes = plt.subplots(n, GRID, figsize=(1.0 * GRID, 1.25 * n), squeeze=False)
     for row, (_, r) in enumerate(ranking.head(n).iterrows()):
-        members = assign[assign["cluster_id"] == r["cluster_id"]].sort_values("centroid_distance").index[:GRID]
+        members = nearest_members(assign, r["cluster_id"], GRID)
         for col in range(GRID):
             ax = axes[row, col]
             ax.axis("off")
@@ -149,13 +159,15 @@ def synsets(own: dict, paths: Paths, ds: Dataset) -> tuple[dict[str, torch.Tenso
     return found, np.repeat(own["cluster_ids"].numpy(), ipc), np.tile(np.arange(ipc), k)
 
 
-def privacy_report(params: Params, paths: Paths, ds: Dataset, synset: dict, figures: Path) -> tuple[pd.DataFrame, dict]:
-    """Per synset image (`synset`: the run's, and the forward-matched ones) its nearest training image and the
-    leakage measures, with their means per kind."""
+def privacy_report(
+    ds: Dataset, found_synsets: tuple[dict[str, torch.Tensor], np.ndarray, np.ndarray], figures: Path
+) -> tuple[pd.DataFrame, dict]:
+    """Per synset image (`found_synsets`, as `synsets` returns them) its nearest training image and the leakage
+    measures, with their means per kind."""
     members = ds.denormalise(ds.x_train)
     non_members = ds.denormalise(ds.x_test)
     frames, metrics, nearest = [], {}, {}
-    kinds, cluster_ids, image = synsets(synset, paths, ds)
+    kinds, cluster_ids, image = found_synsets
     for kind, normalised in kinds.items():
         images = ds.denormalise(normalised)
         found = privacy.nearest_real(images, members, non_members)
@@ -177,9 +189,12 @@ def privacy_report(params: Params, paths: Paths, ds: Dataset, synset: dict, figu
     return pd.concat(frames, ignore_index=True), metrics
 
 
-def membership_attack(params: Params, paths: Paths, ds: Dataset, synset: dict) -> tuple[pd.DataFrame, dict]:
+def membership_attack(
+    params: Params, paths: Paths, ds: Dataset, synset: dict, kinds: dict[str, torch.Tensor]
+) -> tuple[pd.DataFrame, dict]:
     """The likelihood-ratio membership attack on a model trained the run's way (model, train params, seed) on each
-    kind of synset, next to a positive control that must succeed and a negative one that must not.
+    kind of synset (`kinds`, as `synsets` returns them, of the run's `synset`), next to a positive control that must
+    succeed and a negative one that must not.
 
     Attacked members: the real images matching starts from (what a synset could give away); non-members: as many
     held-out images. Reference models (report.membership_references) train on the rest of the training set, so none
@@ -190,7 +205,8 @@ def membership_attack(params: Params, paths: Paths, ds: Dataset, synset: dict) -
     if not n_ref:
         return pd.DataFrame(columns=list(MEMBERSHIP_COLUMNS)), {}
     rng = np.random.default_rng([params.base.seed, 5])
-    attacked = synset["init_index"].flatten().numpy()
+    init = synset["init_index"].flatten()
+    attacked = init.numpy()
     n = min(len(attacked), len(ds.x_test))
     members = rng.choice(attacked, n, replace=False)
     held_out = rng.choice(len(ds.x_test), n, replace=False)
@@ -210,8 +226,7 @@ def membership_attack(params: Params, paths: Paths, ds: Dataset, synset: dict) -
     )
     target = new_model(params, ds)
     target.load_state_dict(load_tensors(paths.stage("train_target") / "model.pt"))
-    kinds, _, _ = synsets(synset, paths, ds)
-    labels = ds.y_train[synset["init_index"].flatten()]  # every image of a cluster's synset has its class
+    labels = ds.y_train[init]  # every image of a cluster's synset has its class
     attacked_models = {
         kind: ("positive control" if kind == "init" else "synset", trained(images, labels, params.base.seed, kind))
         for kind, images in kinds.items()

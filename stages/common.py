@@ -254,6 +254,11 @@ def show_pixels(ax, pixels: torch.Tensor, title: str = "") -> None:
         ax.set_title(title, fontsize=7)
 
 
+def nearest_members(assign: pd.DataFrame, cluster_id: int, n: int) -> pd.Index:
+    """Training positions of the cluster's `n` members nearest its centroid (assignments.parquet as `assign`)."""
+    return assign[assign["cluster_id"] == cluster_id].sort_values("centroid_distance").index[:n]
+
+
 def show_image(ax, ds: Dataset, x: torch.Tensor, title: str = "") -> None:
     """A normalised image (C, H, W) of the dataset, de-normalised, without axes."""
     show_pixels(ax, ds.denormalise(x), title)

@@ -21,12 +21,14 @@ from stages.audit import (
     data_quality,
     membership_attack,
     privacy_report,
+    synsets,
 )
 from stages.common import (
     Paths,
     RunTables,
     dataset,
     load_tensors,
+    nearest_members,
     pyplot,
     read_parquet,
     save_figure,
@@ -55,7 +57,7 @@ def figure_synsets(ds: Dataset, synset: dict, assign: pd.DataFrame, path: Path) 
         k = int(np.flatnonzero(ids == cid)[0])
         for j in range(ipc):
             show_image(axes[row, j], ds, synset["images"][k, j], f"synset {cid}" if row == 0 or j == 0 else "")
-        members = assign[assign["cluster_id"] == cid].sort_values("centroid_distance").index[:REAL_PER_ROW]
+        members = nearest_members(assign, cid, REAL_PER_ROW)
         for j in range(REAL_PER_ROW):
             ax = axes[row, ipc + j]
             if j < len(members):
@@ -70,7 +72,7 @@ def figure_thumbnail(ds: Dataset, synset: dict, assign: pd.DataFrame, cid: int, 
     """A strip for a table cell: the cluster's first synset image, then its `n` real members nearest the centroid."""
     plt = pyplot()
     k = int(np.flatnonzero(synset["cluster_ids"].numpy() == cid)[0])
-    members = assign[assign["cluster_id"] == cid].sort_values("centroid_distance").index[:n]
+    members = nearest_members(assign, cid, n)
     fig, axes = plt.subplots(1, 1 + n, figsize=(0.45 * (1 + n), 0.5), squeeze=False)
     show_image(axes[0, 0], ds, synset["images"][k, 0])
     for j in range(n):
@@ -473,11 +475,12 @@ def run(params: Params, paths: Paths, out: Path) -> dict:
     write_parquet(
         ranking, out / "data_quality.parquet", "Clusters from the most harmful to the most helpful.", RANKING_COLUMNS
     )
-    leakage, measured = privacy_report(params, paths, ds, synset, figures)
+    found_synsets = synsets(synset, paths, ds)
+    leakage, measured = privacy_report(ds, found_synsets, figures)
     write_parquet(
         leakage, out / "privacy.parquet", "What every synset image reveals of the training set.", PRIVACY_COLUMNS
     )
-    membership, attacked = membership_attack(params, paths, ds, synset)
+    membership, attacked = membership_attack(params, paths, ds, synset, found_synsets[0])
     write_parquet(
         membership,
         out / "membership.parquet",

@@ -134,7 +134,7 @@ def test_membership_attack_finds_members_of_its_positive_controls_only(tmp_path)
     """The stage's attack on real digits: models trained on the attacked members (the target, the init images) are
     found above chance; a model that never saw them and one trained on noise images are not."""
     from ddm_ops.config import Params
-    from stages.audit import membership_attack
+    from stages.audit import membership_attack, synsets
     from stages.common import Paths, dataset, new_model
 
     params = Params.model_validate(
@@ -153,7 +153,7 @@ def test_membership_attack_finds_members_of_its_positive_controls_only(tmp_path)
     init = torch.arange(0, 600, 2).reshape(10, 30)  # 300 attacked members, 10 "clusters" of 30
     noise = torch.randn(10, 30, *ds.image_shape, generator=torch.Generator().manual_seed(0))
     synset = {"images": noise, "init_index": init, "cluster_ids": torch.arange(10)}
-    table, metrics = membership_attack(params, Paths(tmp_path), ds, synset)
+    table, metrics = membership_attack(params, Paths(tmp_path), ds, synset, synsets(synset, Paths(tmp_path), ds)[0])
     auc = table.set_index("model")["auc"]
     print(table)
     assert auc["target"] > 0.56 and auc["init"] > 0.6  # measured 0.594 and 0.628
