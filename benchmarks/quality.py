@@ -21,6 +21,8 @@ from pathlib import Path
 
 import yaml
 
+from pipeline import PACKAGES
+
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "benchmarks" / "configs"
 WORK = ROOT / "benchmarks" / ".work"
@@ -53,7 +55,7 @@ def run_config(name: str, overrides: dict | None = None, folder: Path | None = N
     overrides = config(name) if overrides is None else overrides
     folder = WORK / name if folder is None else folder
     folder.mkdir(parents=True, exist_ok=True)
-    for part in ("ddm_ops", "stages", "pipeline"):
+    for part in PACKAGES:
         shutil.rmtree(folder / part, ignore_errors=True)
         shutil.copytree(ROOT / part, folder / part, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(ROOT / "dvc.yaml", folder / "dvc.yaml")

@@ -29,6 +29,8 @@ from pathlib import Path
 
 import yaml
 
+from pipeline import PACKAGES
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULT = ROOT / "benchmarks" / "results" / "scaling.json"
 RUNNERS = [("process", 1), ("process", 2), ("dask", 1), ("dask", 2)]
@@ -40,7 +42,7 @@ TRAIN_SIZES = [337, 674, 1347]
 
 
 def project(folder: Path) -> None:
-    for name in ("ddm_ops", "stages", "pipeline"):
+    for name in PACKAGES:
         shutil.copytree(ROOT / name, folder / name, ignore=shutil.ignore_patterns("__pycache__"))
     for name in ("dvc.yaml", "params.yaml"):
         shutil.copy(ROOT / name, folder / name)
@@ -87,8 +89,8 @@ def _distill_items(folder: Path, work: Path) -> list[dict]:
 
 
 def _one(item: dict) -> float:
-    from pipeline.runners import tune_process
-    from stages.distill import distill_one
+    from ddm_ops.devices import tune_process
+    from stages.synsets import distill_one
 
     tune_process(1)
     return distill_one(**item)["seconds"]

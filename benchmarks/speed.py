@@ -31,12 +31,13 @@ from ddm_ops.functional import split_state  # noqa: E402
 from ddm_ops.models import build_model  # noqa: E402
 from ddm_ops.train import train  # noqa: E402
 from ddm_ops.unlearn import unlearn  # noqa: E402
+from pipeline import PACKAGES  # noqa: E402
 
 EPOCHS = (30, 100, 200)
 
 
 def fresh_project(folder: Path) -> None:
-    for name in ("ddm_ops", "stages", "pipeline"):
+    for name in PACKAGES:
         shutil.copytree(ROOT / name, folder / name, ignore=shutil.ignore_patterns("__pycache__"))
     for name in ("dvc.yaml", "params.yaml"):
         shutil.copy(ROOT / name, folder / name)

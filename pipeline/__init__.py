@@ -2,6 +2,9 @@
 
 import os
 
+# The project's packages, lowest layer first: each imports only from itself and those before it (a test holds it).
+PACKAGES = ("ddm_ops", "stages", "pipeline")
+
 # Offline by default: no tool phones home (users may still override these in their environment).
 for _key, _value in {
     "DO_NOT_TRACK": "true",

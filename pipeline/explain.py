@@ -10,9 +10,9 @@ import pandas as pd
 
 from ddm_ops.config import ParamsError, load_params
 from ddm_ops.objectives import OBJECTIVES
-from stages.attribute import logits_table
-from stages.common import Paths, dataset, load_tensors, read_parquet
-from stages.report import figure_examples
+from stages.artifacts import Paths, load_tensors, logits_table, read_parquet, score_matrix
+from stages.common import dataset
+from stages.reporting.figures import figure_examples
 
 
 def explain(root: Path, test_index: int, top: int = 5, out: Path | None = None) -> dict:
@@ -30,9 +30,7 @@ def explain(root: Path, test_index: int, top: int = 5, out: Path | None = None) 
     j = int(where[0])
     objective = params.attribute.objectives[0]
     attribution = read_parquet(paths.stage("attribute") / "attribution.parquet")
-    wide = attribution[attribution["objective"] == objective].pivot(
-        index="cluster_id", columns="test_index", values="score"
-    )
+    wide = score_matrix(attribution[attribution["objective"] == objective])
     matrix, cluster_ids = wide.to_numpy(), wide.index.to_numpy()
     _, _, logits = logits_table(read_parquet(paths.stage("perturb") / "outputs.parquet"))
     base = logits[0, j]

@@ -9,7 +9,7 @@ in which tasks run.
 
 from __future__ import annotations
 
-import ctypes
+import functools
 import logging
 import multiprocessing
 import os
@@ -22,10 +22,9 @@ from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import numpy as np
-import torch
 
 from ddm_ops.config import ExecutionParams, ParamsError
-from ddm_ops.devices import resolve_device
+from ddm_ops.devices import resolve_device, tune_process
 
 log = logging.getLogger(__name__)
 RUNNING: list[str] = []  # ids of the fan-out flow runs in progress in this process
@@ -71,9 +70,6 @@ def cancel_running_flow(timeout: float = 5.0) -> None:
         print(f"could not mark the flow run cancelled: {type(err).__name__}", file=sys.stderr)
 
 
-M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3  # glibc mallopt parameters
-
-
 def _gpu_tasks(device: str) -> bool:
     return resolve_device(device).type == "cuda"
 
@@ -112,43 +108,6 @@ def task_runner(execution: ExecutionParams, device: str = "cpu"):
             init_kwargs={"num_cpus": execution.workers, "include_dashboard": False, "log_to_driver": False}
         )
     return ThreadPoolTaskRunner(max_workers=1 if execution.runner == "serial" else execution.workers)
-
-
-def worker_slot() -> int:
-    """A number identifying the worker running this task: the Dask worker's name, else the process id."""
-    try:
-        from distributed import get_worker
-
-        name = get_worker().name
-        return int(name) if str(name).isdigit() else abs(hash(name))
-    except (ImportError, ValueError):
-        return os.getpid() if multiprocessing.parent_process() is not None else 0
-
-
-def task_device(spec: str) -> torch.device:
-    """The device of a per-cluster task: with several GPUs and no index given, one GPU per worker."""
-    device = resolve_device(spec)
-    if device.type == "cuda" and device.index is None and torch.cuda.device_count() > 1:
-        return torch.device("cuda", worker_slot() % torch.cuda.device_count())
-    return device
-
-
-def tune_process(threads: int) -> None:
-    """Pin torch to `threads` threads and keep glibc's heap from returning and re-asking memory around every tensor.
-
-    Dask workers start with MALLOC_TRIM_THRESHOLD_=65536, and any fixed malloc setting also switches off glibc's
-    adaptive mmap threshold, so that every tensor above 128 KiB became a fresh mmap: this project's small-tensor
-    work ran 1.5-2x slower in Dask workers than in a plain process (measured). A large trim threshold, top pad and
-    mmap threshold undo it. No effect on results; nothing happens where the C library is not glibc.
-    """
-    torch.set_num_threads(threads)
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return
-    libc.mallopt(M_TOP_PAD, 64 << 20)
-    libc.mallopt(M_TRIM_THRESHOLD, 256 << 20)
-    libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)  # glibc's largest
 
 
 class TaskFailed(RuntimeError):
@@ -267,8 +226,8 @@ def fan_out(
     fn: Callable[..., Any],
     items: list[dict[str, Any]],
     key: str,
-    execution: ExecutionParams,
     name: str,
+    execution: ExecutionParams,
     device: str = "cpu",
 ) -> list[Any]:
     """Run fn(**item) for every item as Prefect tasks on the configured runner; results in item order.
@@ -324,3 +283,8 @@ def fan_out(
     quiet_prefect()
     with shared_prefect_api():
         return fan_out_flow()
+
+
+def executor(execution: ExecutionParams, device: str = "cpu") -> Callable[..., list[Any]]:
+    """The fan-out a stage is handed (`stages.common.FanOut`): Prefect tasks on the runner `execution` names."""
+    return functools.partial(fan_out, execution=execution, device=device)

@@ -3,8 +3,7 @@ per-iteration histories) and artifacts, in an experiment that opens in MLflow's 
 
 from __future__ import annotations
 
-import os
-import subprocess
+import json
 import time
 import warnings
 from pathlib import Path
@@ -13,8 +12,11 @@ from typing import Any
 import yaml
 
 from ddm_ops.config import Params
+from stages import STAGES
+from stages.artifacts import Paths, read_parquet, score_matrix
+from stages.common import flatten
+from stages.report import git_commit
 
-EXPERIMENT = "ddm"
 KIND_TAG, KIND = "mlflow.experimentKind", "custom_model_development"  # MLflow 3: the runs table, not GenAI's
 
 
@@ -22,35 +24,10 @@ def tracking_uri(params: Params, root: Path) -> str:
     return params.report.tracking_uri or f"sqlite:///{(root / 'mlflow.db').resolve()}"
 
 
-def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """{'a': {'b': 1}} -> {'a.b': 1}."""
-    flat: dict[str, Any] = {}
-    for key, value in data.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(flatten(value, f"{name}."))
-        else:
-            flat[name] = value
-    return flat
-
-
 def stage_param_blocks(root: Path) -> dict[str, list[str]]:
     """The params blocks each stage declares in dvc.yaml (the DAG's single source)."""
     stages = yaml.safe_load((root / "dvc.yaml").read_text())["stages"]
     return {name: [p for p in spec.get("params", []) if isinstance(p, str)] for name, spec in stages.items()}
-
-
-def run_name() -> str:
-    """The MLflow run's name: the DVC experiment's, else the time."""
-    return os.environ.get("DVC_EXP_NAME") or time.strftime("ddm-%Y%m%d-%H%M%S")
-
-
-def git_commit(root: Path) -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
-    except OSError:
-        return None
-    return out.stdout.strip() or None
 
 
 def _experiment(root: Path, name: str) -> str:
@@ -90,7 +67,7 @@ def log_pipeline_run(
     tables: dict[str, Any] | None = None,
     datasets: dict[str, tuple[Any, Path]] | None = None,
     histories: dict[str, tuple[Any, str]] | None = None,
-    name: str | None = None,
+    name: str = "",
 ) -> str:
     """Log one pipeline run (parent) with a nested run per stage; return the parent run id.
 
@@ -104,7 +81,7 @@ def log_pipeline_run(
 
     mlflow.set_tracking_uri(tracking_uri(params, root))
     client = mlflow.MlflowClient()
-    experiment = _experiment(root, params.report.experiment or EXPERIMENT)
+    experiment = _experiment(root, params.report.experiment)
     mlflow.set_experiment(experiment_id=experiment)
     dumped = params.model_dump(mode="json")
     tags = {"dataset": params.data.name, "git_commit": git_commit(root) or "unknown"}
@@ -113,7 +90,7 @@ def log_pipeline_run(
     end = int(time.time() * 1000)
     spans = {s: int(1000 * m.get("stage_seconds", 0.0)) for s, m in stage_metrics.items()}
     start = end - sum(spans.values())
-    parent = client.create_run(experiment, start_time=start, tags=tags, run_name=name or run_name())
+    parent = client.create_run(experiment, start_time=start, tags=tags, run_name=name or None)
     with mlflow.start_run(run_id=parent.info.run_id):
         mlflow.log_params(flatten(dumped))
         mlflow.log_metrics({k: float(v) for k, v in summary.items()})
@@ -153,3 +130,39 @@ def log_pipeline_run(
             start += spans[stage]
             client.set_terminated(run_id, end_time=start)
     return parent.info.run_id
+
+
+HISTORY = ["epoch", "loss", "test_accuracy", "lr"]  # of the target's training, per epoch, for MLflow's charts
+
+
+def log_report(root: Path, params: Params, report: Path, summary: dict[str, float]) -> str:
+    """Log the run whose report was just written to `report` (its metrics.json summary as `summary`) to MLflow:
+    the stages' metrics, the report and its figures, the tables and the training and matching histories."""
+    import pandas as pd
+
+    paths = Paths(root)
+    stage_metrics = {s: json.loads((paths.stage(s) / "metrics.json").read_text()) for s in STAGES if s != "report"}
+    objective = params.attribute.objectives[0]
+    attribution = read_parquet(paths.stage("attribute") / "attribution.parquet")
+    wide = score_matrix(attribution[attribution["objective"] == objective])
+    run = json.loads((report / "run.json").read_text())
+    return log_pipeline_run(
+        root,
+        params,
+        stage_metrics,
+        {k: v for k, v in summary.items() if k != "stage_seconds"},
+        [report / "report.md", report / "report.html", report / "figures"]
+        + [paths.stage("attribute") / "attribution.parquet"]
+        + [paths.stage("cluster") / f for f in ("assignments.parquet", "clusters.parquet")]
+        + [report / f"{t}.parquet" for t in ("methods", "data_quality", "privacy", "membership")],
+        tables={
+            "methods.json": read_parquet(report / "methods.parquet"),
+            f"attribution_{objective}.json": wide.rename(columns=str).reset_index(),
+        },
+        datasets={"attribution": (attribution, paths.stage("attribute") / "attribution.parquet")},
+        histories={
+            "train_target": (read_parquet(paths.stage("train_target") / "history.parquet")[HISTORY], "epoch"),
+            "distill": (pd.read_csv(paths.stage("distill") / "matching_curve.csv"), "iteration"),
+        },
+        name=run["name"],
+    )

@@ -7,24 +7,14 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 
 from ddm_ops.attribution import distances, scores
 from ddm_ops.config import Params
-from stages.common import Paths, dataset, read_parquet, write_parquet
-from stages.perturb import BASE
+from stages.artifacts import BASE, Paths, logits_table, long_scores, read_parquet, write_parquet
+from stages.common import FanOut, dataset, in_process
 
 
-def logits_table(outputs: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, torch.Tensor]:
-    """(cluster_ids, test_index, logits (n_models, M, C)) from a long outputs table, sorted by ids."""
-    outputs = outputs.sort_values(["cluster_id", "test_index", "class"])
-    ids = outputs["cluster_id"].unique()
-    tests = np.sort(outputs["test_index"].unique())
-    logits = torch.from_numpy(outputs["logit"].to_numpy(np.float32, copy=True).reshape(len(ids), len(tests), -1))
-    return ids, tests, logits
-
-
-def run(params: Params, paths: Paths, out: Path) -> dict:
+def run(params: Params, paths: Paths, out: Path, fan_out: FanOut = in_process) -> dict:
     ds = dataset(params)
     start = time.perf_counter()
     ids, tests, logits = logits_table(read_parquet(paths.stage("perturb") / "outputs.parquet"))
@@ -35,17 +25,7 @@ def run(params: Params, paths: Paths, out: Path) -> dict:
     frames = []
     for objective in params.attribute.objectives:
         a = scores(base, removed, ds.y_test, objective).numpy()
-        frames.append(
-            pd.DataFrame(
-                {
-                    "cluster_id": np.repeat(ids[1:], len(tests)),
-                    "test_index": np.tile(tests, len(ids) - 1),
-                    "objective": objective,
-                    "score": a.reshape(-1),
-                    **d,
-                }
-            )
-        )
+        frames.append(long_scores(a, ids[1:], tests).assign(objective=objective, **d))
     table = pd.concat(frames, ignore_index=True)
     write_parquet(
         table,

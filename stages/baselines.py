@@ -23,25 +23,26 @@ from ddm_ops.attribution import scores
 from ddm_ops.baselines import class_indicator, first_order_scores, gradient_ascent_outputs, input_similarity
 from ddm_ops.calibration import calibrate_step
 from ddm_ops.config import Params
-from ddm_ops.devices import resolve_device
+from ddm_ops.devices import peak_memory, resolve_device
 from ddm_ops.functional import split_state
 from ddm_ops.train import DivergenceError
 from ddm_ops.trajectory import Trajectory, cluster_gradients
 from ddm_ops.unlearn import outputs_of
-from stages.common import (
+from stages.artifacts import (
+    COST_COLUMNS,
     Paths,
     concat_or_empty,
-    dataset,
     load_checkpoints,
-    load_ground_truth,
     load_tensors,
-    new_model,
-    peak_memory,
+    long_logits,
+    long_scores,
     read_parquet,
     write_parquet,
 )
-from stages.distill import distill_all
-from stages.perturb import remove_all
+from stages.common import FanOut, dataset, in_process, new_model
+from stages.removal import remove_all
+from stages.retraining import load_ground_truth
+from stages.synsets import distill_all
 
 SCORE_COLUMNS = {
     "method": "reference method (see costs.parquet)",
@@ -59,47 +60,15 @@ OUTPUT_COLUMNS = {
     "logit": "logit of the removed model",
 }
 OUTPUT_DTYPES = {"method": "str", "cluster_id": "int64", "test_index": "int64", "class": "int64", "logit": "float32"}
-COST_COLUMNS = {
-    "method": "method",
-    "offline_seconds": "work that needs no test sample (gradients, factors, synsets, step calibration)",
-    "online_seconds": "work that answers the queries: the (K, M) matrix for the M test samples",
-    "online_seconds_per_query": "online seconds per test sample",
-    "peak_memory_mb": "peak extra resident memory of the method (MiB)",
-}
 SCORED_OBJECTIVES = ("margin", "loss")  # what the quality metrics read; the gradient methods compute only these
 PAPER = {"pairing": "mirrored", "ipc": 2, "iterations": 100}  # the paper's DDM as this project first ran it
-
-
-def _long(method: str, matrix: np.ndarray, cluster_ids: np.ndarray, test_index: np.ndarray, objective: str):
-    return pd.DataFrame(
-        {
-            "method": method,
-            "cluster_id": np.repeat(cluster_ids, len(test_index)),
-            "test_index": np.tile(test_index, len(cluster_ids)),
-            "objective": objective,
-            "score": matrix.reshape(-1).astype(np.float64),
-        }
-    )
-
-
-def _outputs(method: str, logits: np.ndarray, cluster_ids: np.ndarray, test_index: np.ndarray) -> pd.DataFrame:
-    k, m, c = logits.shape
-    return pd.DataFrame(
-        {
-            "method": method,
-            "cluster_id": np.repeat(cluster_ids, m * c),
-            "test_index": np.tile(np.repeat(test_index, c), k),
-            "class": np.tile(np.arange(c), k * m),
-            "logit": logits.reshape(-1),
-        }
-    )
 
 
 class Methods:
     """What the methods share: the data, θ_T, the trajectory, the clusters; and the tables they fill."""
 
-    def __init__(self, params: Params, paths: Paths, out: Path):
-        self.params, self.paths, self.out = params, paths, out
+    def __init__(self, params: Params, paths: Paths, out: Path, fan_out: FanOut):
+        self.params, self.paths, self.out, self.fan_out = params, paths, out, fan_out
         self.ds = ds = dataset(params)
         self.device = resolve_device(params.base.device)
         clusters = read_parquet(paths.stage("cluster") / "clusters.parquet")
@@ -133,7 +102,8 @@ class Methods:
                     f"its step size or damping overflowed (baselines.* params), or leave {method} out of "
                     "baselines.methods"
                 )
-            self.frames.append(_long(method, matrix, self.cluster_ids, self.ds.test_index, objective))
+            scores = long_scores(matrix.astype(np.float64), self.cluster_ids, self.ds.test_index)
+            self.frames.append(scores.assign(method=method, objective=objective))
         self.costs.append(
             {
                 "method": method,
@@ -146,7 +116,9 @@ class Methods:
 
     def removed_models(self, method: str, logits: torch.Tensor, base: torch.Tensor) -> dict[str, np.ndarray]:
         """Score matrices of a method that makes removed models; their logits go to outputs.parquet."""
-        self.outputs.append(_outputs(method, logits.cpu().numpy(), self.cluster_ids, self.ds.test_index))
+        self.outputs.append(
+            long_logits(logits.cpu().numpy(), self.cluster_ids, self.ds.test_index).assign(method=method)
+        )
         y = self.ds.y_test.to(logits.device)
         return {o: scores(base, logits, y, o).cpu().numpy() for o in self.params.attribute.objectives}
 
@@ -207,7 +179,7 @@ class Methods:
                 "perturb": p.perturb.model_copy(update={**perturb, "step_size": "auto"}),
             }
         )
-        synset, _, distilled = distill_all(variant, self.paths, self.out / f"{method}_clusters")
+        synset, _, distilled = distill_all(variant, self.paths, self.out / f"{method}_clusters", self.fan_out)
         removal = remove_all(variant, self.paths, synset, "auto")
         logits = removal["logits"]
         matrices = self.removed_models(method, logits[1:], logits[0])
@@ -258,12 +230,12 @@ class Methods:
         self.add(method, matrices, seconds["offline"], seconds["online"], record["memory"])
 
 
-def run(params: Params, paths: Paths, out: Path) -> dict:
+def run(params: Params, paths: Paths, out: Path, fan_out: FanOut = in_process) -> dict:
     metrics: dict = {"enabled": int(params.baselines.enabled)}
     frames, outputs, costs = [], [], []
     if params.baselines.enabled:
         peers.check_installed(list(params.baselines.methods))
-        methods = Methods(params, paths, out)
+        methods = Methods(params, paths, out, fan_out)
         methods.trivial()
         for name in params.baselines.methods:
             start = time.perf_counter()

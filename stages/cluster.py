@@ -9,12 +9,12 @@ import pandas as pd
 
 from ddm_ops.cluster import cluster_within_classes
 from ddm_ops.config import Params
-from stages.common import Paths, check_params_against_data, dataset, load_tensors, write_parquet
+from stages.artifacts import Paths, load_tensors, write_parquet
+from stages.common import FanOut, dataset, in_process
 
 
-def run(params: Params, paths: Paths, out: Path) -> dict:
+def run(params: Params, paths: Paths, out: Path, fan_out: FanOut = in_process) -> dict:
     ds = dataset(params)
-    check_params_against_data(params, ds)
     features = load_tensors(paths.stage("record_trajectory") / "features.pt")["features"].numpy()
     labels = ds.y_train.numpy()
     ids, dist = cluster_within_classes(features, labels, params.cluster.k_per_class, params.base.seed)

@@ -12,10 +12,11 @@ from ddm_ops.curvature import fit_factors, to_state
 from ddm_ops.devices import resolve_device
 from ddm_ops.models import functional_mode
 from ddm_ops.trajectory import Trajectory
-from stages.common import Paths, dataset, load_checkpoints, new_model
+from stages.artifacts import Paths, load_checkpoints
+from stages.common import FanOut, dataset, in_process, new_model
 
 
-def run(params: Params, paths: Paths, out: Path) -> dict:
+def run(params: Params, paths: Paths, out: Path, fan_out: FanOut = in_process) -> dict:
     """factors.pt: {"checkpoints": indices, "factors": one to_state() per checkpoint}; empty for perturb.update sgd."""
     state: dict = {"checkpoints": torch.zeros(0, dtype=torch.long), "factors": []}
     metrics: dict = {"n_checkpoints": 0}

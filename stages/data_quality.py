@@ -17,9 +17,9 @@ import torch
 
 from ddm_ops.config import Params
 from ddm_ops.data_quality import cluster_effects, least_useful, loss_of
-from pipeline.runners import fan_out
-from stages.common import Paths, concat_or_empty, dataset, read_parquet, write_parquet
-from stages.ground_truth import retrain_one
+from stages.artifacts import Paths, concat_or_empty, read_parquet, score_matrix, write_parquet
+from stages.common import FanOut, dataset, in_process
+from stages.retraining import retrain_one
 
 CURVE_COLUMNS = {
     "strategy": "ddm (least useful clusters by DDM's ranking first) or random (as many samples at random)",
@@ -44,14 +44,14 @@ def halves(m: int) -> tuple[np.ndarray, np.ndarray]:
     return np.arange(0, m, 2), np.arange(1, m, 2)
 
 
-def run(params: Params, paths: Paths, out: Path) -> dict:
+def run(params: Params, paths: Paths, out: Path, fan_out: FanOut = in_process) -> dict:
     dq, rows, metrics = params.data_quality, [], {"enabled": int(params.data_quality.enabled)}
     if dq.enabled:
         ds = dataset(params)
         ids = read_parquet(paths.stage("cluster") / "assignments.parquet")["cluster_id"].to_numpy()
         sizes = np.bincount(ids)
         attribution = read_parquet(paths.stage("attribute") / "attribution.parquet").query("objective == 'loss'")
-        loss = attribution.pivot(index="cluster_id", columns="test_index", values="score").sort_index().to_numpy()
+        loss = score_matrix(attribution).to_numpy()
         validation, evaluation = halves(len(ds.test_index))
         effects = cluster_effects(loss[:, validation])
         rng = np.random.default_rng([params.base.seed, 4])
@@ -75,7 +75,7 @@ def run(params: Params, paths: Paths, out: Path) -> dict:
                     )
         items = [{"root": str(paths.root), "params": params.model_dump(), **j["item"]} for j in jobs]
         start = time.perf_counter()
-        done = fan_out(retrain_one, items, "job", params.execution, "removal-curve", params.base.device)
+        done = fan_out(retrain_one, items, "job", "removal-curve")
         metrics["retrain_seconds"] = time.perf_counter() - start
         labels = ds.y_test[evaluation]
         for j, d in zip(jobs, done):

@@ -8,10 +8,6 @@ repeated stage redoes only the retrainings it lacks. Disabled (the default), the
 
 from __future__ import annotations
 
-import hashlib
-import importlib.util
-import json
-import os
 import time
 from pathlib import Path
 
@@ -19,15 +15,11 @@ import numpy as np
 import pandas as pd
 import torch
 
-import ddm_ops
 from ddm_ops.config import Params
 from ddm_ops.groundtruth import calibration_clusters, within_class_subsets
-from ddm_ops.train import predict, train
-from pipeline.runners import fan_out, task_device
-from stages.common import Paths, concat_or_empty, dataset, new_model, read_parquet, write_parquet
-
-CACHE = Path(".ddm_cache") / "retrain"  # under the project, or under $DDM_CACHE_DIR (shared between projects)
-LIBRARY = Path(ddm_ops.__file__).parent  # every module of it enters the key
+from stages.artifacts import Paths, concat_or_empty, long_logits, read_parquet, write_parquet
+from stages.common import FanOut, dataset, in_process
+from stages.retraining import retrain_one
 
 RETRAIN_COLUMNS = {
     "flavour": "aligned (target's seed and batches) or resampled (fresh seed)",
@@ -54,81 +46,6 @@ TIMING_COLUMNS = {
     "seconds": "wall time of the retraining when it ran",
     "cached": "true when reused from .ddm_cache",
 }
-
-
-def _user_modules(params: Params) -> list[Path]:
-    """The files of the user's own dataset and model modules (`module:name` in data.name / model.name)."""
-    files = []
-    for spec in (params.data.name, params.model.name):
-        if ":" in spec:
-            found = importlib.util.find_spec(spec.partition(":")[0])
-            if found is not None and found.origin and Path(found.origin).is_file():
-                files.append(Path(found.origin))
-    return files
-
-
-def cache_key(params: Params, seed: int, keep: np.ndarray, device: torch.device) -> str:
-    """The name of a retraining in the cache: everything that changes its logits. The data, model and training
-    params, the seed, which training samples are kept, the torch version, the device (and the GPU's name), the
-    torch threads of a task, and the bytes of every ddm_ops module and of the user's own data / model modules."""
-    h = hashlib.sha256()
-    h.update(
-        json.dumps(
-            [
-                params.data.model_dump(mode="json"),
-                params.model.model_dump(mode="json"),
-                params.train.model_dump(mode="json"),
-                seed,
-                torch.__version__,
-                device.type,
-                torch.cuda.get_device_name(device) if device.type == "cuda" else "",
-                params.execution.threads_per_worker,
-            ]
-        ).encode()
-    )
-    h.update(np.packbits(keep).tobytes())
-    for path in sorted(LIBRARY.glob("*.py")) + _user_modules(params):
-        h.update(path.name.encode())
-        h.update(path.read_bytes())
-    return h.hexdigest()[:24]
-
-
-def cache_dir(root: str | Path) -> Path:
-    """Where retrainings are kept: $DDM_CACHE_DIR/retrain when set (shared between projects), else
-    <project>/.ddm_cache/retrain."""
-    return Path(os.environ["DDM_CACHE_DIR"]) / "retrain" if os.environ.get("DDM_CACHE_DIR") else Path(root) / CACHE
-
-
-def retrain_one(root: str, params: dict, job: str, removed: list[int], seed: int, dropped: list[int] = ()) -> dict:
-    """Train without the `removed` clusters and the `dropped` training positions with `seed` (cached); return the
-    job with its logits file."""
-    p = Params.model_validate(params)
-    ds = dataset(p)
-    ids = read_parquet(Paths(Path(root)).stage("cluster") / "assignments.parquet")["cluster_id"].to_numpy()
-    keep = ~np.isin(ids, removed)
-    keep[list(dropped)] = False
-    device = task_device(p.base.device)
-    path = cache_dir(root) / f"{cache_key(p, seed, keep, device)}.pt"
-    cached = path.is_file()
-    if not cached:
-        model = new_model(p, ds, seed=seed).to(device)
-        start = time.perf_counter()
-        train(
-            model,
-            ds.x_train.to(device),
-            ds.y_train.to(device),
-            p.train,
-            seed,
-            keep=torch.from_numpy(keep),
-            label=f"ground_truth {job}",
-        )
-        seconds = time.perf_counter() - start
-        logits = predict(model, ds.x_test.to(device)).cpu()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        torch.save({"logits": logits, "seconds": seconds}, tmp)
-        tmp.rename(path)
-    return {"job": job, "path": str(path), "cached": cached}
 
 
 def _jobs(params: Params, cluster_ids: np.ndarray, masks: np.ndarray) -> list[dict]:
@@ -175,7 +92,7 @@ def _jobs(params: Params, cluster_ids: np.ndarray, masks: np.ndarray) -> list[di
     return jobs
 
 
-def run(params: Params, paths: Paths, out: Path) -> dict:
+def run(params: Params, paths: Paths, out: Path, fan_out: FanOut = in_process) -> dict:
     ds = dataset(params)
     clusters = read_parquet(paths.stage("cluster") / "clusters.parquet")
     cluster_ids, labels = clusters["cluster_id"].to_numpy(), clusters["label"].to_numpy()
@@ -221,24 +138,14 @@ def run(params: Params, paths: Paths, out: Path) -> dict:
         }
         for j in jobs
     ]
-    done = fan_out(retrain_one, items, "job", params.execution, "retrain", params.base.device) if items else []
+    done = fan_out(retrain_one, items, "job", "retrain") if items else []
     wall = time.perf_counter() - start
     frames, timings = [], []
-    m, c = len(ds.test_index), ds.num_classes
     for j, d in zip(jobs, done):
         saved = torch.load(d["path"], weights_only=True)
         frames.append(
-            pd.DataFrame(
-                {
-                    "flavour": j["flavour"],
-                    "removal": j["removal"],
-                    "cluster_id": j["cluster_id"],
-                    "subset_id": j["subset_id"],
-                    "seed": j["seed"],
-                    "test_index": np.repeat(ds.test_index, c),
-                    "class": np.tile(np.arange(c), m),
-                    "logit": saved["logits"].numpy().reshape(-1),
-                }
+            long_logits(saved["logits"].numpy()[None], [j["cluster_id"]], ds.test_index).assign(
+                **{k: j[k] for k in ("flavour", "removal", "subset_id", "seed")}
             )
         )
         timings.append({"job": j["job"], "seconds": float(saved["seconds"]), "cached": d["cached"]})

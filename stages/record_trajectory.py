@@ -9,14 +9,15 @@ import torch
 
 from ddm_ops.config import Params
 from ddm_ops.models import penultimate_features
-from stages.common import Paths, dataset, load_checkpoints, new_model, write_parquet
+from stages.artifacts import Paths, load_checkpoints, write_parquet
+from stages.common import FanOut, dataset, in_process, new_model
 
 
 def _flat(state: dict[str, torch.Tensor], names: set[str]) -> torch.Tensor:
     return torch.cat([v.flatten() for k, v in state.items() if k in names])
 
 
-def run(params: Params, paths: Paths, out: Path) -> dict:
+def run(params: Params, paths: Paths, out: Path, fan_out: FanOut = in_process) -> dict:
     ds = dataset(params)
     folder = paths.stage("train_target") / "checkpoints"
     checkpoints = load_checkpoints(folder)

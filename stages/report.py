@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import subprocess
 import time
 from pathlib import Path
 
@@ -11,10 +13,10 @@ import numpy as np
 import pandas as pd
 
 from ddm_ops.config import Params
-from ddm_ops.data import Dataset
-from pipeline.tracking import EXPERIMENT, flatten, git_commit, log_pipeline_run, run_name
 from stages import STAGES
-from stages.audit import (
+from stages.artifacts import Paths, RunTables, load_tensors, read_parquet, score_matrix, write_json, write_parquet
+from stages.common import FanOut, dataset, flatten, in_process
+from stages.reporting.audit import (
     MEMBERSHIP_COLUMNS,
     PRIVACY_COLUMNS,
     RANKING_COLUMNS,
@@ -23,135 +25,16 @@ from stages.audit import (
     privacy_report,
     synsets,
 )
-from stages.common import (
-    Paths,
-    RunTables,
-    dataset,
-    load_tensors,
-    nearest_members,
-    pyplot,
-    read_parquet,
-    save_figure,
-    show_image,
-    write_parquet,
+from stages.reporting.figures import (
+    figure_examples,
+    figure_heatmap,
+    figure_matching,
+    figure_synsets,
+    figure_thumbnail,
 )
-from stages.quality import DDM, METHOD_COLUMNS, figure_quality, methods_table, quality, quality_table
+from stages.reporting.quality import DDM, METHOD_COLUMNS, figure_quality, methods_table, quality, quality_table
 
-REAL_PER_ROW = 6
-TOP = 3
 log = logging.getLogger(__name__)
-HISTORY = ["epoch", "loss", "test_accuracy", "lr"]  # of the target's training, per epoch, for MLflow's charts
-
-
-def figure_synsets(ds: Dataset, synset: dict, assign: pd.DataFrame, path: Path) -> None:
-    """One cluster per class: its synset images, then real members nearest the centroid."""
-    plt = pyplot()
-    ids = synset["cluster_ids"].numpy()
-    labels = assign.groupby("cluster_id")["label"].first()
-    chosen = [int(ids[labels.loc[ids].to_numpy() == c][0]) for c in sorted(labels.unique())]
-    ipc = synset["images"].shape[1]
-    fig, axes = plt.subplots(
-        len(chosen), ipc + REAL_PER_ROW, figsize=(1.0 * (ipc + REAL_PER_ROW), 1.05 * len(chosen)), squeeze=False
-    )
-    for row, cid in enumerate(chosen):
-        k = int(np.flatnonzero(ids == cid)[0])
-        for j in range(ipc):
-            show_image(axes[row, j], ds, synset["images"][k, j], f"synset {cid}" if row == 0 or j == 0 else "")
-        members = nearest_members(assign, cid, REAL_PER_ROW)
-        for j in range(REAL_PER_ROW):
-            ax = axes[row, ipc + j]
-            if j < len(members):
-                show_image(ax, ds, ds.x_train[members[j]], "real" if row == 0 else "")
-            else:
-                ax.axis("off")
-    fig.suptitle("Synset images (left) next to real members of the same cluster (right)", fontsize=9)
-    save_figure(fig, path)
-
-
-def figure_thumbnail(ds: Dataset, synset: dict, assign: pd.DataFrame, cid: int, path: Path, n: int = 4) -> None:
-    """A strip for a table cell: the cluster's first synset image, then its `n` real members nearest the centroid."""
-    plt = pyplot()
-    k = int(np.flatnonzero(synset["cluster_ids"].numpy() == cid)[0])
-    members = nearest_members(assign, cid, n)
-    fig, axes = plt.subplots(1, 1 + n, figsize=(0.45 * (1 + n), 0.5), squeeze=False)
-    show_image(axes[0, 0], ds, synset["images"][k, 0])
-    for j in range(n):
-        if j < len(members):
-            show_image(axes[0, 1 + j], ds, ds.x_train[members[j]])
-        else:
-            axes[0, 1 + j].axis("off")
-    fig.subplots_adjust(left=0.01, right=0.99, top=0.98, bottom=0.02, wspace=0.1)
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-
-
-def figure_heatmap(
-    matrix: np.ndarray, cluster_labels: np.ndarray, test_labels: np.ndarray, objective: str, path: Path
-) -> None:
-    """Attribution matrix, clusters grouped by class (rows), test samples grouped by class (columns)."""
-    plt = pyplot()
-    rows, cols = np.argsort(cluster_labels, kind="stable"), np.argsort(test_labels, kind="stable")
-    m = matrix[rows][:, cols]
-    lim = float(np.quantile(np.abs(m), 0.99)) or 1.0
-    fig, ax = plt.subplots(figsize=(10, 4.5))
-    im = ax.imshow(m, aspect="auto", cmap="RdBu_r", vmin=-lim, vmax=lim, interpolation="nearest")
-    for boundary in np.flatnonzero(np.diff(cluster_labels[rows])) + 0.5:
-        ax.axhline(boundary, color="k", lw=0.3)
-    for boundary in np.flatnonzero(np.diff(test_labels[cols])) + 0.5:
-        ax.axvline(boundary, color="k", lw=0.3)
-    for axis, labels in ((ax.yaxis, cluster_labels[rows]), (ax.xaxis, test_labels[cols])):
-        classes, first = np.unique(labels, return_index=True)
-        counts = np.bincount(labels)[classes]
-        axis.set_ticks(first + counts / 2 - 0.5, [f"class {c}" for c in classes], fontsize=7)
-    ax.set_xlabel("test samples, grouped by class")
-    ax.set_ylabel("clusters, grouped by class")
-    ax.set_title(f"Attribution: drop of the {objective} when the cluster is removed (red = the cluster helps)")
-    fig.colorbar(im, ax=ax, fraction=0.03)
-    save_figure(fig, path)
-
-
-def figure_examples(
-    ds: Dataset,
-    matrix: np.ndarray,
-    cluster_ids: np.ndarray,
-    assign: pd.DataFrame,
-    synset: dict,
-    examples: np.ndarray,
-    path: Path,
-    top: int = TOP,
-) -> None:
-    """For each example test sample: the image, then its `top` most helpful and `top` most harmful clusters, each as
-    its first synset image above its real member nearest the centroid, with the score."""
-    plt = pyplot()
-    representative = assign.groupby("cluster_id")["centroid_distance"].idxmin()  # training position per cluster
-    position = {int(c): i for i, c in enumerate(synset["cluster_ids"].tolist())}
-    cols = 1 + 2 * top
-    fig, axes = plt.subplots(2 * len(examples), cols, figsize=(1.15 * cols, 2.3 * len(examples)), squeeze=False)
-    for row, j in enumerate(examples):
-        show_image(axes[2 * row, 0], ds, ds.x_test[j], f"test {ds.test_index[j]} (y={int(ds.y_test[j])})")
-        axes[2 * row + 1, 0].axis("off")
-        order = np.argsort(-matrix[:, j], kind="stable")
-        picks = [(k, "helps") for k in order[:top]] + [(k, "hurts") for k in order[::-1][:top]]
-        for col, (k, kind) in enumerate(picks, start=1):
-            cid = int(cluster_ids[k])
-            show_image(axes[2 * row, col], ds, synset["images"][position[cid], 0], f"{kind} c{cid} {matrix[k, j]:+.3f}")
-            show_image(axes[2 * row + 1, col], ds, ds.x_train[representative[cid]], "real member")
-    fig.suptitle("Most helpful (left) and most harmful (right) clusters: synset image above a real member", fontsize=9)
-    save_figure(fig, path)
-
-
-def figure_matching(matching: pd.DataFrame, path: Path) -> None:
-    """Matching loss per iteration: median and 10-90% band over clusters."""
-    plt = pyplot()
-    q = matching.groupby("iteration")["loss"].quantile([0.1, 0.5, 0.9]).unstack()
-    fig, ax = plt.subplots(figsize=(5, 3))
-    ax.fill_between(q.index, q[0.1], q[0.9], alpha=0.3, label="10-90% of clusters")
-    ax.plot(q.index, q[0.5], label="median")
-    ax.set_xlabel("iteration")
-    ax.set_ylabel("gradient distance")
-    ax.set_title("Reverse gradient matching loss", fontsize=9)
-    ax.legend(fontsize=7)
-    save_figure(fig, path)
 
 
 def summarise(stage_metrics: dict[str, dict]) -> dict[str, float]:
@@ -410,7 +293,7 @@ def render_html(text: str, folder: Path, params: Params) -> str:
     )
 
 
-def run(params: Params, paths: Paths, out: Path) -> dict:
+def run(params: Params, paths: Paths, out: Path, fan_out: FanOut = in_process) -> dict:
     ds = dataset(params)
     stage_metrics = {s: json.loads((paths.stage(s) / "metrics.json").read_text()) for s in STAGES if s != "report"}
     summary = summarise(stage_metrics)
@@ -444,7 +327,7 @@ def run(params: Params, paths: Paths, out: Path) -> dict:
     objective = params.attribute.objectives[0]
     every_objective, assign = tables.attribution, tables.assignments
     attribution = every_objective[every_objective["objective"] == objective]
-    wide = attribution.pivot(index="cluster_id", columns="test_index", values="score")
+    wide = score_matrix(attribution)
     matrix, cluster_ids = wide.to_numpy(), wide.index.to_numpy()
     synset = load_tensors(paths.stage("distill") / "synset.pt")
 
@@ -491,7 +374,7 @@ def run(params: Params, paths: Paths, out: Path) -> dict:
     audit = _audit_markdown(summary, ranking, leakage, membership, len(tables.removal_curve) > 0)
     run = {
         "name": run_name(),
-        "experiment": params.report.experiment or EXPERIMENT,
+        "experiment": params.report.experiment,
         "commit": (git_commit(paths.root) or "none")[:10],
         "date": time.strftime("%Y-%m-%d %H:%M"),
     }
@@ -500,29 +383,18 @@ def run(params: Params, paths: Paths, out: Path) -> dict:
     )
     (out / "report.md").write_text(markdown)
     (out / "report.html").write_text(render_html(markdown, out, params))
-    log_pipeline_run(
-        paths.root,
-        params,
-        stage_metrics,
-        summary,
-        [
-            out / "report.md",
-            out / "report.html",
-            figures,
-            paths.stage("attribute") / "attribution.parquet",
-            paths.stage("cluster") / "assignments.parquet",
-            paths.stage("cluster") / "clusters.parquet",
-            out / "methods.parquet",
-            out / "data_quality.parquet",
-            out / "privacy.parquet",
-            out / "membership.parquet",
-        ],
-        tables={"methods.json": side_by_side, f"attribution_{objective}.json": wide.rename(columns=str).reset_index()},
-        datasets={"attribution": (every_objective, paths.stage("attribute") / "attribution.parquet")},
-        histories={
-            "train_target": (read_parquet(paths.stage("train_target") / "history.parquet")[HISTORY], "epoch"),
-            "distill": (pd.read_csv(paths.stage("distill") / "matching_curve.csv"), "iteration"),
-        },
-        name=run["name"],
-    )
+    write_json(out / "run.json", run)  # the MLflow run the pipeline logs this report as
     return summary
+
+
+def run_name() -> str:
+    """The MLflow run's name: the DVC experiment's, else the time."""
+    return os.environ.get("DVC_EXP_NAME") or time.strftime("ddm-%Y%m%d-%H%M%S")
+
+
+def git_commit(root: Path) -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+    except OSError:
+        return None
+    return out.stdout.strip() or None

@@ -9,15 +9,14 @@ import pandas as pd
 import torch
 
 from ddm_ops.config import Params
-from ddm_ops.devices import resolve_device
+from ddm_ops.devices import resolve_device, tune_process
 from ddm_ops.train import accuracy, train
-from pipeline.runners import tune_process
-from stages.common import Paths, check_params_against_data, dataset, new_model, save_checkpoint, write_parquet
+from stages.artifacts import Paths, save_checkpoint, write_parquet
+from stages.common import FanOut, dataset, in_process, new_model
 
 
-def run(params: Params, paths: Paths, out: Path) -> dict:
+def run(params: Params, paths: Paths, out: Path, fan_out: FanOut = in_process) -> dict:
     ds = dataset(params)
-    check_params_against_data(params, ds)
     device = resolve_device(params.base.device)
     tune_process(params.execution.threads_per_worker)  # as every retraining: floating-point sums agree
     model = new_model(params, ds).to(device)

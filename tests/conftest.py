@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from pipeline import PACKAGES
+
 os.environ.update(
     {
         "DO_NOT_TRACK": "true",
@@ -50,7 +52,7 @@ def prefect_server(tmp_path_factory):
 
 def make_project(folder: Path, params: dict) -> Path:
     """A git + DVC project in `folder` with this repository's code, dvc.yaml and the given params.yaml."""
-    for name in ("ddm_ops", "stages", "pipeline"):
+    for name in PACKAGES:
         shutil.copytree(ROOT / name, folder / name, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(ROOT / "dvc.yaml", folder / "dvc.yaml")
     write_params(folder, params)

@@ -134,8 +134,9 @@ def test_membership_attack_finds_members_of_its_positive_controls_only(tmp_path)
     """The stage's attack on real digits: models trained on the attacked members (the target, the init images) are
     found above chance; a model that never saw them and one trained on noise images are not."""
     from ddm_ops.config import Params
-    from stages.audit import membership_attack, synsets
-    from stages.common import Paths, dataset, new_model
+    from stages.artifacts import Paths
+    from stages.common import dataset, new_model
+    from stages.reporting.audit import membership_attack, synsets
 
     params = Params.model_validate(
         {

@@ -5,7 +5,7 @@ import yaml
 
 from ddm_ops.config import Params, ParamsError, load_params, parse_params
 from ddm_ops.data import load_dataset
-from stages.common import check_params_against_data
+from pipeline.stage import check_params_against_data
 
 
 @pytest.mark.parametrize(

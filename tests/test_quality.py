@@ -77,8 +77,9 @@ def test_ground_truth_on_the_thread_runner_equals_the_serial_one(project, prefec
     """The default runner retrains two models at once in two threads: its retrain.parquet is the serial one's, bit
     for bit (the project's ground truth ran on the serial runner), and nothing came from a cache."""
     from ddm_ops.config import load_params
+    from pipeline.runners import executor
     from stages import ground_truth
-    from stages.common import Paths
+    from stages.artifacts import Paths
 
     monkeypatch.setenv("DDM_CACHE_DIR", str(tmp_path / "fresh"))
     params = load_params(project / "params.yaml")
@@ -86,7 +87,9 @@ def test_ground_truth_on_the_thread_runner_equals_the_serial_one(project, prefec
     out = tmp_path / "ground_truth"
     out.mkdir()
     threads = torch.get_num_threads()
-    metrics = ground_truth.run(params.model_copy(update={"execution": threaded}), Paths(project), out)
+    metrics = ground_truth.run(
+        params.model_copy(update={"execution": threaded}), Paths(project), out, executor(threaded)
+    )
     torch.set_num_threads(threads)
     assert metrics["n_cached"] == 0 and metrics["n_retrainings"] == 3 * (1 + 20 + 8)
     serial = pd.read_parquet(project / "outputs/ground_truth/retrain.parquet")
@@ -97,7 +100,7 @@ def test_cache_key_changes_with_everything_that_changes_a_retraining(tmp_path, m
     import shutil
 
     from ddm_ops.config import Params
-    from stages import ground_truth
+    from stages import retraining
 
     params = Params.model_validate(TINY)
     keep, cpu = np.ones(200, dtype=bool), torch.device("cpu")
@@ -105,13 +108,13 @@ def test_cache_key_changes_with_everything_that_changes_a_retraining(tmp_path, m
     def key(p=params, seed=0, keep=keep, device=cpu, **blocks):
         for block, update in blocks.items():
             p = p.model_copy(update={block: getattr(p, block).model_copy(update=update)})
-        return ground_truth.cache_key(p, seed, keep, device)
+        return retraining.cache_key(p, seed, keep, device)
 
     base = key()
     assert key(execution={"runner": "thread", "workers": 2}) == base  # the runner does not change a retraining
     library = tmp_path / "ddm_ops"
-    shutil.copytree(ground_truth.LIBRARY, library, ignore=shutil.ignore_patterns("__pycache__"))
-    monkeypatch.setattr(ground_truth, "LIBRARY", library)
+    shutil.copytree(retraining.LIBRARY, library, ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setattr(retraining, "LIBRARY", library)
     assert key() == base
     user = tmp_path / "user"
     user.mkdir()
@@ -145,7 +148,7 @@ def test_ground_truth_is_deterministic(project, tmp_path, monkeypatch):
     """Retraining again from scratch (a fresh cache), as a fan-out task does, gives byte-identical logits."""
     from ddm_ops.config import load_params
     from pipeline.runners import run_items
-    from stages.ground_truth import retrain_one
+    from stages.retraining import retrain_one
 
     retrain = pd.read_parquet(project / "outputs/ground_truth/retrain.parquet")
     assert len(retrain) == 3 * (1 + 20 + 8) * 100 * 10

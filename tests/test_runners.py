@@ -74,7 +74,7 @@ async def _artifacts(key):
 
 def test_a_task_that_fails_once_is_retried(prefect_server, tmp_path):
     items = [{"marker": str(tmp_path), "cluster_id": c} for c in range(3)]
-    out = fan_out(flaky, items, "cluster_id", ExecutionParams(runner="thread", retries=1), "flaky")
+    out = fan_out(flaky, items, "cluster_id", "flaky", ExecutionParams(runner="thread", retries=1))
     assert out == [0, 10, 20] and sorted(p.name for p in tmp_path.iterdir()) == ["0", "1", "2"]
     progress = asyncio.run(_artifacts("flaky-progress"))  # the Prefect UI's progress bar of the fan-out
     assert progress[0].type == "progress" and progress[0].data == 100.0
@@ -82,7 +82,7 @@ def test_a_task_that_fails_once_is_retried(prefect_server, tmp_path):
     for p in tmp_path.iterdir():
         p.unlink()
     with pytest.raises(RuntimeError, match=r"flaky: cluster_id (\d) failed: OSError: transient failure of cluster \1$"):
-        fan_out(flaky, items, "cluster_id", ExecutionParams(runner="thread", retries=0), "flaky")
+        fan_out(flaky, items, "cluster_id", "flaky", ExecutionParams(runner="thread", retries=0))
 
 
 def test_a_task_that_always_fails_fails_the_stage_naming_the_cluster(tmp_path):

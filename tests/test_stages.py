@@ -8,7 +8,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from stages.common import staged_output, write_parquet
+from stages.artifacts import staged_output, write_parquet
 
 
 def test_failed_stage_leaves_no_output(tmp_path):

@@ -10,20 +10,16 @@ import pandas as pd
 from ddm_ops.config import Params
 from ddm_ops.data import Dataset
 from ddm_ops.evaluation import Method, Truth, evaluate
-from stages.attribute import logits_table
-from stages.baselines import COST_COLUMNS
-from stages.common import Paths, RunTables, load_ground_truth, pyplot, read_parquet, save_figure
-from stages.perturb import BASE
+from stages.artifacts import BASE, COST_COLUMNS, Paths, RunTables, logits_table, read_parquet, score_matrix
+from stages.reporting.figures import pyplot, save_figure
+from stages.retraining import load_ground_truth
 
 DDM = "ddm"  # the run's own method in every table; ddm_paper is the paper's DDM as a reference method
 
 
 def _matrices(table: pd.DataFrame) -> dict[str, np.ndarray]:
     """{objective: (K, M) score matrix} from a long scores table, clusters and test samples in ascending order."""
-    return {
-        o: part.pivot(index="cluster_id", columns="test_index", values="score").sort_index().to_numpy()
-        for o, part in table.groupby("objective")
-    }
+    return {o: score_matrix(part).to_numpy() for o, part in table.groupby("objective")}
 
 
 def methods(tables: RunTables, params: Params) -> tuple[dict[str, Method], np.ndarray]:

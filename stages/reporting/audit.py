@@ -16,19 +16,10 @@ from ddm_ops.config import Params
 from ddm_ops.data import Dataset
 from ddm_ops.data_quality import accuracy_effects, cluster_effects, detection, effect_errors, harmful_first
 from ddm_ops.train import predict, train
-from stages.attribute import logits_table
-from stages.common import (
-    Paths,
-    RunTables,
-    load_tensors,
-    nearest_members,
-    new_model,
-    pyplot,
-    save_figure,
-    show_image,
-    show_pixels,
-)
-from stages.quality import DDM
+from stages.artifacts import Paths, RunTables, load_tensors, logits_table, score_matrix
+from stages.common import new_model
+from stages.reporting.figures import closest_members, pyplot, save_figure, show_image, show_pixels
+from stages.reporting.quality import DDM
 
 RANKING_COLUMNS = {
     "rank": "1 = the most harmful cluster",
@@ -69,7 +60,7 @@ log = logging.getLogger(__name__)
 
 def _loss_scores(table: pd.DataFrame) -> np.ndarray:
     loss = table[table["objective"] == "loss"]
-    return loss.pivot(index="cluster_id", columns="test_index", values="score").sort_index().to_numpy()
+    return score_matrix(loss).to_numpy()
 
 
 def data_quality(params: Params, tables: RunTables, ds: Dataset, figures: Path) -> tuple[pd.DataFrame, dict]:
@@ -116,7 +107,7 @@ def figure_harmful(ds: Dataset, assign: pd.DataFrame, ranking: pd.DataFrame, pat
     plt = pyplot()
     fig, axes = plt.subplots(n, GRID, figsize=(1.0 * GRID, 1.25 * n), squeeze=False)
     for row, (_, r) in enumerate(ranking.head(n).iterrows()):
-        members = nearest_members(assign, r["cluster_id"], GRID)
+        members = closest_members(assign, r["cluster_id"], GRID)
         for col in range(GRID):
             ax = axes[row, col]
             ax.axis("off")
