@@ -11,7 +11,7 @@ export DVC_NO_ANALYTICS := 1
 export RAY_USAGE_STATS_ENABLED := 0
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
 
-.PHONY: setup data browser run flow ui test test-all lint bench clean
+.PHONY: setup data browser run flow ui test test-all lint docs bench clean
 
 setup: $(VENV)/.ready
 
@@ -54,6 +54,10 @@ test-all: setup
 
 lint: setup
 	ruff check . && ruff format --check .
+
+# docs/params.md, docs/results.md and the README's results block, generated from config.py and benchmarks/results/.
+docs: setup
+	python -m pipeline.docs
 
 bench: setup
 	python benchmarks/speed.py

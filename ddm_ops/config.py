@@ -133,12 +133,14 @@ class ModelParams(_Block):
 
 
 class TrainParams(_Block):
-    epochs: PositiveInt = 30
-    batch_size: PositiveInt = 64
-    lr: PositiveFloat = 0.05
+    epochs: PositiveInt = Field(30, description="Training epochs of the target model (and of every retraining).")
+    batch_size: PositiveInt = Field(64, description="SGD batch size; batches come from a seeded shuffle.")
+    lr: PositiveFloat = Field(0.05, description="SGD learning rate (its start, with lr_schedule cosine).")
     momentum: float = Field(0.0, description="Must be 0: the trajectory's cluster gradients assume plain SGD.")
     weight_decay: float = Field(0.0, description="Must be 0: the trajectory's cluster gradients assume plain SGD.")
-    lr_schedule: Literal["constant", "cosine"] = "constant"
+    lr_schedule: Literal["constant", "cosine"] = Field(
+        "constant", description="constant, or cosine: lr decays per epoch along a half cosine towards 0."
+    )
     checkpoint_every: PositiveInt = Field(2, description="Epochs between saved trajectory checkpoints.")
 
     @field_validator("momentum", "weight_decay")
@@ -164,7 +166,7 @@ class ClusterParams(_Block):
 
 class DistillParams(_Block):
     ipc: PositiveInt = Field(8, description="Synthetic images per cluster.")
-    iterations: PositiveInt = 200
+    iterations: PositiveInt = Field(200, description="Gradient-matching iterations (Adam steps) per cluster.")
     lr: PositiveFloat = Field(0.05, description="Adam learning rate of the synthetic images.")
     label_lr: float = Field(
         0.05, ge=0.0, description="Adam learning rate of the soft-label logits; 0 keeps hard labels."
@@ -313,7 +315,7 @@ class DataQualityParams(_Block):
 class ReportParams(_Block):
     n_examples: PositiveInt = Field(4, description="Test samples shown with their most helpful and harmful clusters.")
     tracking_uri: str | None = Field(None, description="MLflow store; default sqlite:///<project>/mlflow.db.")
-    experiment: str = "ddm"
+    experiment: str = Field("ddm", description="MLflow experiment that holds one run per pipeline run.")
     membership_references: NonNegativeInt = Field(
         8,
         description="Reference models of the privacy audit's membership attack, each trained on the training images "
@@ -329,20 +331,43 @@ class ReportParams(_Block):
 
 
 class Params(_Block):
-    base: BaseParams = BaseParams()
-    data: DataParams = DataParams()
-    model: ModelParams = ModelParams()
-    train: TrainParams = TrainParams()
-    record_trajectory: RecordTrajectoryParams = RecordTrajectoryParams()
-    cluster: ClusterParams = ClusterParams()
-    distill: DistillParams = DistillParams()
-    execution: ExecutionParams = ExecutionParams()
-    ground_truth: GroundTruthParams = GroundTruthParams()
-    perturb: PerturbParams = PerturbParams()
-    attribute: AttributeParams = AttributeParams()
-    baselines: BaselinesParams = BaselinesParams()
-    data_quality: DataQualityParams = DataQualityParams()
-    report: ReportParams = ReportParams()
+    base: BaseParams = Field(BaseParams(), description="Shared by every stage: seed and device.")
+    data: DataParams = Field(
+        DataParams(),
+        description="The dataset, its split, and an optional stratified subset or label noise.",
+    )
+    model: ModelParams = Field(ModelParams(), description="The target architecture.")
+    train: TrainParams = Field(
+        TrainParams(), description="How the target is trained with plain SGD and how often its trajectory is saved."
+    )
+    record_trajectory: RecordTrajectoryParams = Field(
+        RecordTrajectoryParams(), description="What the trajectory stage records for clustering."
+    )
+    cluster: ClusterParams = Field(
+        ClusterParams(), description="How the training set is split into clusters (k-means within each class)."
+    )
+    distill: DistillParams = Field(
+        DistillParams(), description="How each cluster is distilled into its synset by gradient matching."
+    )
+    execution: ExecutionParams = Field(
+        ExecutionParams(),
+        description="How the per-cluster work is spread (not a DVC dependency, except threads_per_worker).",
+    )
+    ground_truth: GroundTruthParams = Field(
+        GroundTruthParams(), description="The evaluation branch: retraining without clusters (off by default; slow)."
+    )
+    perturb: PerturbParams = Field(
+        PerturbParams(), description="How a cluster is removed from the trained model using its synset."
+    )
+    attribute: AttributeParams = Field(AttributeParams(), description="Which outputs the attribution scores.")
+    baselines: BaselinesParams = Field(
+        BaselinesParams(), description="Reference methods computed next to DDM (needs ground_truth for some)."
+    )
+    data_quality: DataQualityParams = Field(
+        DataQualityParams(),
+        description="The removal curve: retraining without the least useful data by DDM's ranking (slow).",
+    )
+    report: ReportParams = Field(ReportParams(), description="The report, the privacy audit and MLflow tracking.")
 
     @model_validator(mode="after")
     def _calibration_needs_ground_truth(self) -> Params:
