@@ -1,10 +1,11 @@
-"""Speed of the default pipeline on digits: `dvc repro` wall time, and the online part against one training.
+"""Speed of the default pipeline on digits: `dvc repro` wall time, distill by runner, and the online part against
+one training.
 
-Runs the default params in a fresh copy of the project (git + DVC), then, in one process, trains the target for
-several lengths and times the online part (removal of every cluster by its synset + test-set outputs +
-attribution) next to it. Writes benchmarks/results/speed.json.
+Runs the default params in a fresh copy of the project (git + DVC); then, in one process and on that project's
+outputs, times the pipeline's own functions side by side: the target's training, the removal of every cluster by
+its synset with the removed models' test outputs, and the attribution. Writes benchmarks/results/speed.json.
 
-    python benchmarks/speed.py            # ~5 minutes on 2 cores
+    python benchmarks/speed.py            # ~10 minutes on 2 cores
 """
 
 from __future__ import annotations
@@ -24,16 +25,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from ddm_ops.attribution import distances, scores  # noqa: E402
 from ddm_ops.config import load_params  # noqa: E402
-from ddm_ops.data import load_dataset  # noqa: E402
-from ddm_ops.functional import split_state  # noqa: E402
-from ddm_ops.models import build_model  # noqa: E402
-from ddm_ops.train import train  # noqa: E402
-from ddm_ops.unlearn import unlearn  # noqa: E402
 from pipeline import PACKAGES  # noqa: E402
-
-EPOCHS = (30, 100, 200)
+from stages import attribute, train_target  # noqa: E402
+from stages.artifacts import Paths, load_tensors  # noqa: E402
+from stages.removal import remove_all  # noqa: E402
 
 
 def fresh_project(folder: Path) -> None:
@@ -83,70 +79,51 @@ def distill_by_runner(folder: Path) -> dict:
     return times
 
 
-def _median_seconds(fn, repeats: int = 3) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
+def _median(values: list[float]) -> float:
+    return sorted(values)[len(values) // 2]
 
 
-def online_vs_training(folder: Path) -> list[dict]:
-    """Train the target for several lengths; time the online part for all clusters with the run's synsets.
-
-    Both sides run warm in this one process: the online part is the median of 3 repeats of removal of every
-    cluster + test-set logits of every removed model + scores and distances.
-    """
-    torch.set_num_threads(os.cpu_count() or 1)
+def online_vs_training(folder: Path, repeats: int = 3) -> dict:
+    """The pipeline's own functions side by side, warm, in this one process (median of `repeats` each): the target's
+    training (`stages.train_target.run`), the removal of every cluster with its removed model's test logits
+    (`stages.removal.remove_all`, the perturb stage's work, which times its own online part after a warm-up) and
+    the scores and distances (`stages.attribute.run`). Each runs with the threads the pipeline gives it."""
     params = load_params(folder / "params.yaml")
-    ds = load_dataset(params.data)
-    synset = torch.load(folder / "outputs/distill/synset.pt", weights_only=True)
-    images, labels = synset["images"], synset["labels"]
-    n_u, step = params.perturb.n_u, params.perturb.step_size
-    warm = build_model(params.model, ds.image_shape, ds.num_classes, params.base.seed)
-    train(warm, ds.x_train, ds.y_train, params.train.model_copy(update={"epochs": 1}), params.base.seed)
-    rows = []
-    for epochs in EPOCHS:
-        model = build_model(params.model, ds.image_shape, ds.num_classes, params.base.seed)
-        start = time.perf_counter()
-        train(model, ds.x_train, ds.y_train, params.train.model_copy(update={"epochs": epochs}), params.base.seed)
-        train_seconds = time.perf_counter() - start
-        model.eval()
-        theta, buffers = split_state(model, model.state_dict())
-        unlearn(model, theta, buffers, images[:1], labels[:1], 1, step)  # warm-up
-
-        def online_part(model=model, theta=theta, buffers=buffers) -> None:
-            removed = unlearn(model, theta, buffers, images, labels, n_u, step)
-            with torch.no_grad():
-                base = torch.func.functional_call(model, (theta, buffers), (ds.x_test,))
-                out = torch.stack(
-                    [
-                        torch.func.functional_call(
-                            model, ({k: v[i] for k, v in removed.items()}, buffers), (ds.x_test,)
-                        )
-                        for i in range(len(images))
-                    ]
-                )
-                scores(base, out, ds.y_test)
-                distances(base, out)
-
-        online = _median_seconds(online_part)
-        removal = _median_seconds(lambda m=model, t=theta, b=buffers: unlearn(m, t, b, images, labels, n_u, step))
-        rows.append(
-            {
-                "epochs": epochs,
-                "train_seconds": train_seconds,
-                "online_seconds": online,
-                "removal_only_seconds": removal,
-                "online_fraction_of_training": online / train_seconds,
-                "removal_fraction_of_training": removal / train_seconds,
-                "n_clusters": len(images),
-                "n_test": len(ds.x_test),
-            }
-        )
-        print(json.dumps(rows[-1]), flush=True)
-    return rows
+    paths = Paths(folder)
+    synset = load_tensors(paths.stage("distill") / "synset.pt")
+    step = json.loads((paths.stage("perturb") / "metrics.json").read_text())["step_size"]
+    threads = torch.get_num_threads()
+    trainings, removals, online, scoring = [], [], [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(repeats):
+            out = Path(tmp) / f"train_{r}"
+            out.mkdir()
+            trainings.append(train_target.run(params, paths, out)["train_seconds"])  # pins threads_per_worker
+        torch.set_num_threads(threads)  # as the perturb and attribute stages run
+        for r in range(repeats):
+            removal = remove_all(params, paths, synset, step)
+            removals.append(removal["removal_seconds"])
+            online.append(removal["online_seconds"])
+            out = Path(tmp) / f"attribute_{r}"
+            out.mkdir()
+            scoring.append(attribute.run(params, paths, out)["attribute_seconds"])
+    k = len(synset["cluster_ids"])
+    train_s, online_s, removal_s, scoring_s = map(_median, (trainings, online, removals, scoring))
+    return {
+        "update": params.perturb.update,
+        "step_size": step,
+        "n_clusters": k,
+        "train_seconds": train_s,
+        "online_seconds": online_s,
+        "removal_seconds": removal_s,
+        "attribute_seconds": scoring_s,
+        "seconds_per_removal": online_s / k,
+        "speedup_per_removal": train_s / (online_s / k),
+        "online_fraction_of_training": (online_s + scoring_s) / train_s,
+        "removal_fraction_of_training": removal_s / train_s,
+        "train_threads": params.execution.threads_per_worker,
+        "online_threads": threads,
+    }
 
 
 def main() -> None:
@@ -156,12 +133,12 @@ def main() -> None:
         run = pipeline_run(folder)
         print(json.dumps(run, indent=1), flush=True)
         runners = distill_by_runner(folder)
-        sweep = online_vs_training(folder)
+        online = online_vs_training(folder)
     result = {
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__},
         "default_run": run,
         "distill_by_runner": runners,
-        "online_vs_training_length": sweep,
+        "online_vs_training": online,
     }
     out = ROOT / "benchmarks" / "results" / "speed.json"
     out.write_text(json.dumps(result, indent=2) + "\n")

@@ -1,4 +1,4 @@
-"""One module per DVC stage; each has a pure `run(params, paths, out) -> metrics`."""
+"""One module per DVC stage, each with a pure `run(params, paths, out, fan_out) -> metrics`, and what they share."""
 
 STAGES = (
     "train_target",

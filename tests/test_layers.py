@@ -107,6 +107,8 @@ def test_dvc_yaml_declares_every_module_and_params_block_a_stage_depends_on(stag
     reached = closure(f"stages.{stage}")
     files = {str(source(m).relative_to(ROOT)) for m in reached}
     missing = sorted(files - set(spec["deps"]))
+    gone = sorted(d for d in spec["deps"] if d.endswith(".py") and not (ROOT / d).is_file())
+    assert not gone, f"dvc.yaml: stage {stage} depends on {gone}, which do not exist (dvc repro would fail)"
     assert not missing, f"dvc.yaml: stage {stage} lacks deps {missing}; a change there would leave it stale"
     declared = {p if isinstance(p, str) else next(iter(p)) for p in spec.get("params", [])}
     read = set().union(*(params_read(m) for m in reached))
