@@ -22,6 +22,7 @@ from pathlib import Path
 import yaml
 
 from pipeline import PACKAGES
+from pipeline.docs import QUALITY_METRICS
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "benchmarks" / "configs"
@@ -85,15 +86,6 @@ def by_name(report: dict, prefix: str) -> dict[str, dict[str, float]]:
     return grouped
 
 
-HEADLINE = [
-    ("lds_margin_aligned", "group-LDS"),
-    ("lds_class_margin_aligned", "group-LDS, class margin"),
-    ("lds_test_loss_aligned", "group-LDS, test loss"),
-    ("logo_margin_aligned", "LOGO"),
-    ("logo_margin_within_class_aligned", "LOGO within class"),
-    ("logo_margin_resampled", "LOGO vs resampled"),
-    ("fidelity_dist1", "fidelity Dist1"),
-]
 METHODS = ["ddm", "ddm_paper", "first_order", "gradient_ascent", "input_similarity", "class_indicator"]
 MAIN = ["digits_k50", "digits_k20", "fashion_k100", "digits_resnet18"]  # methods side by side; the rest are variants
 
@@ -120,7 +112,7 @@ def summary(results: dict) -> str:
             "| metric | " + " | ".join(METHODS) + " | noise ceiling |",
             "|---" * (len(METHODS) + 2) + "|",
         ]
-        for key, label in HEADLINE:
+        for key, label in QUALITY_METRICS:
             view = key.removeprefix("lds_").removeprefix("logo_").removesuffix("_aligned")
             kind = "lds" if key.startswith("lds") else "logo"
             ceiling = (
