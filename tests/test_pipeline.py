@@ -80,8 +80,9 @@ def test_second_repro_runs_nothing_and_a_param_reruns_exactly_its_stages(project
     params = copy.deepcopy(TINY)
     params["perturb"]["step_size"] = 0.002
     write_params(project, params)
-    # data_quality ranks the data by DDM's attribution, so it follows the removal step too (a second when disabled)
-    assert ran(dvc(project, "repro")) == ["perturb", "attribute", "data_quality", "report"]
+    # data_quality ranks the data by DDM's attribution, so it follows the removal step too (a second when disabled);
+    # baselines copies the whole perturb block into its DDM variants, so dvc.yaml declares it (tests/test_layers.py)
+    assert ran(dvc(project, "repro")) == ["perturb", "attribute", "baselines", "data_quality", "report"]
     params["execution"]["runner"] = "thread"  # how work is spread is not a dependency
     write_params(project, params)
     assert ran(dvc(project, "repro")) == []
