@@ -3,7 +3,7 @@ config (when Debian's dataset-fashion-mnist is installed), the same clusters, gr
 projects as quality.py's (benchmarks/.work/<config>), so whichever of the two runs second recomputes nothing.
 
 Writes benchmarks/results/peers.json (per config: one row per method with LOGO Spearman, group-LDS, fidelity,
-offline / online seconds and peak memory, plus the reference row) and peers.md (the tables for the README).
+offline / online seconds and peak memory, plus the reference row), then renders docs/results.md from it.
 Needs the peers extra (`pip install -c constraints.txt -e '.[peers]'`; `make setup` installs it).
 
     python benchmarks/peers.py                  # digits_k50 and fashion_k100 (hours on 2 cores)
@@ -21,6 +21,7 @@ from quality import RESULTS, WORK, config, run_config
 from ddm_ops.config import BASELINES
 from ddm_ops.data import DEBIAN_FASHION_MNIST
 from ddm_ops.peers import PEERS
+from pipeline import docs
 
 CONFIGS = ["digits_k50", "fashion_k100"]
 RESULT = RESULTS / "peers.json"
@@ -43,21 +44,6 @@ def run(name: str) -> dict:
     }
 
 
-def markdown(results: dict) -> str:
-    lines = []
-    for name, r in results.items():
-        table = pd.DataFrame(r["methods"]).set_index("method")
-        ref = r["reference"]
-        lines += [
-            f"**{name}**: noise ceiling group-LDS {ref.get('ceiling_lds_margin', float('nan')):.3f}, LOGO "
-            f"{ref.get('ceiling_logo_margin', float('nan')):.3f}; do-nothing fidelity {ref['fidelity_do_nothing']:.3f}",
-            "",
-            table.to_markdown(floatfmt=".4g"),
-            "",
-        ]
-    return "\n".join(lines)
-
-
 def main(names: list[str]) -> None:
     results = json.loads(RESULT.read_text()) if RESULT.is_file() else {}
     for name in names or CONFIGS:
@@ -67,8 +53,8 @@ def main(names: list[str]) -> None:
         print(f"== {name}", flush=True)
         results[name] = run(name)
         RESULT.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
-    RESULT.with_suffix(".md").write_text(markdown(results))
-    print(f"wrote {RESULT} and {RESULT.with_suffix('.md')}")
+    print(f"wrote {RESULT}")
+    docs.main([])  # docs/results.md and the README's table, from the JSON
 
 
 if __name__ == "__main__":

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import yaml
 
-from pipeline import PACKAGES
-from pipeline.docs import QUALITY_METRICS
+from pipeline import PACKAGES, docs
+from pipeline.docs import ddm_key
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "benchmarks" / "configs"
@@ -86,71 +86,6 @@ def by_name(report: dict, prefix: str) -> dict[str, dict[str, float]]:
     return grouped
 
 
-METHODS = ["ddm", "ddm_paper", "first_order", "gradient_ascent", "input_similarity", "class_indicator"]
-MAIN = ["digits_k50", "digits_k20", "fashion_k100", "digits_resnet18"]  # methods side by side; the rest are variants
-
-
-def ddm_name(report: dict) -> str:
-    """The run's own DDM in a report's keys: `ddm` (`ddm_reverse` / `ddm_forward` in results from before
-    2026-12-02; ddm_paper is a reference method)."""
-    return next(k.split(".")[0] for k in report if k.startswith(("ddm.", "ddm_reverse.", "ddm_forward.")))
-
-
-def _fmt(value) -> str:
-    return "–" if value is None else f"{value:.3f}"
-
-
-def summary(results: dict) -> str:
-    """Markdown tables: methods side by side for the main configs, DDM variants of digits_k50."""
-    lines = []
-    for name in [n for n in MAIN if n in results]:
-        r = results[name]["report"]
-        ddm = ddm_name(r)
-        lines += [
-            f"**{name}** (against the aligned ground truth; noise ceiling = one seed's truth against another's)",
-            "",
-            "| metric | " + " | ".join(METHODS) + " | noise ceiling |",
-            "|---" * (len(METHODS) + 2) + "|",
-        ]
-        for key, label in QUALITY_METRICS:
-            view = key.removeprefix("lds_").removeprefix("logo_").removesuffix("_aligned")
-            kind = "lds" if key.startswith("lds") else "logo"
-            ceiling = (
-                r.get(f"reference.ceiling_{kind}_{view}") if "within" not in key and "resampled" not in key else None
-            )
-            if key == "fidelity_dist1":
-                ceiling = None
-            cells = [_fmt(r.get(f"{ddm if m == 'ddm' else m}.{key}")) for m in METHODS]
-            lines.append(f"| {label} | " + " | ".join(cells) + f" | {_fmt(ceiling)} |")
-        lines += [
-            "",
-            f"Do-nothing Dist1 {r['reference.fidelity_do_nothing']:.3f}, seed-noise floor "
-            f"{r['reference.fidelity_seed_noise']:.3f}; calibrated step {r['step_size']:.2g}; one removal "
-            f"{r['seconds_per_removal'] * 1000:.1f} ms vs one retraining {r['seconds_per_retraining']:.2f} s "
-            f"(**{r['speedup_vs_retraining']:.0f}×**); distillation {r['distill_seconds']:.0f} s = "
-            f"{r['distill_overhead']:.0f} target trainings.",
-            "",
-        ]
-    variants = sorted(k for k in results if k not in MAIN)
-    if variants:
-        lines += [
-            "**DDM variants** (one change each against the config named first in the name)",
-            "",
-            "| config | group-LDS | group-LDS class | LOGO | fidelity Dist1 | calibrated step | distill s |",
-            "|---|---|---|---|---|---|---|",
-        ]
-        for name in variants:
-            r = results[name]["report"]
-            ddm = ddm_name(r)
-            lines.append(
-                f"| {name} | {_fmt(r.get(ddm + '.lds_margin_aligned'))} | "
-                f"{_fmt(r.get(ddm + '.lds_class_margin_aligned'))} | {_fmt(r.get(ddm + '.logo_margin_aligned'))}"
-                f" | {_fmt(r.get(ddm + '.fidelity_dist1'))} | {r['step_size']:.2g} | "
-                f"{r['distill_seconds']:.0f} |"
-            )
-    return "\n".join(lines) + "\n"
-
-
 def main(names: list[str]) -> None:
     names = names or sorted(p.stem for p in CONFIGS.glob("*.yaml"))
     results = json.loads(RESULT.read_text()) if RESULT.is_file() else {}
@@ -158,16 +93,13 @@ def main(names: list[str]) -> None:
         print(f"== {name}", flush=True)
         results[name] = run_config(name)
         report = results[name]["report"]
-        ddm = ddm_name(report)
+        ddm = ddm_key(report)
         for key in sorted(k for k in report if k.startswith(ddm) and ("lds_" in k or "logo_margin_aligned" in k)):
             print(f"  {key}: {report[key]:.3f}", flush=True)
         RESULT.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
-    RESULT.with_suffix(".md").write_text(summary(results))
-    print(f"wrote {RESULT} and {RESULT.with_suffix('.md')}")
+    print(f"wrote {RESULT}")
+    docs.main([])  # docs/results.md and the README's table, from the JSON
 
 
 if __name__ == "__main__":
-    if sys.argv[1:] == ["--summary"]:  # re-render quality.md from quality.json
-        RESULT.with_suffix(".md").write_text(summary(json.loads(RESULT.read_text())))
-    else:
-        main(sys.argv[1:])
+    main(sys.argv[1:])

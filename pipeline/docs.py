@@ -20,6 +20,7 @@ from typing import Literal, Union, get_args, get_origin
 from pydantic import BaseModel
 
 from ddm_ops.config import Params
+from stages.common import flatten
 
 ROOT = Path(__file__).resolve().parents[1]
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
@@ -173,19 +174,10 @@ def methods_of(report: dict) -> list[str]:
     return [ddm, *names]
 
 
-def flat(overrides: dict, prefix: str = "") -> dict[str, object]:
-    """`{block: {key: v}}` as `{"block.key": v}`."""
-    out: dict[str, object] = {}
-    for key, value in overrides.items():
-        if isinstance(value, dict):
-            out.update(flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
-def overrides_text(overrides: dict) -> str:
-    return ", ".join(f"`{k}: {_yaml(v)}`" for k, v in flat(overrides).items() if not k.startswith("baselines."))
+def settings_text(settings: dict) -> str:
+    """Params settings (`{block: {key: v}}` or already `{"block.key": v}`) as `block.key: v`, the baselines block left
+    out (every config lists its methods there)."""
+    return ", ".join(f"`{k}: {_yaml(v)}`" for k, v in flatten(settings).items() if not k.startswith("baselines."))
 
 
 QUALITY_METRICS = [
@@ -232,9 +224,8 @@ def base_of(name: str, names: list[str]) -> str | None:
 
 def variant_row(name: str, base: str, quality: dict) -> list[str]:
     report, ddm = quality[name]["report"], ddm_key(quality[name]["report"])
-    base_flat = flat(quality[base]["overrides"])
-    changed = {k: v for k, v in flat(quality[name]["overrides"]).items() if base_flat.get(k) != v}
-    change = ", ".join(f"`{k}: {_yaml(v)}`" for k, v in changed.items() if not k.startswith("baselines."))
+    base_flat = flatten(quality[base]["overrides"])
+    changed = {k: v for k, v in flatten(quality[name]["overrides"]).items() if base_flat.get(k) != v}
     metrics = [
         score(report.get(f"{ddm}.{key}"))
         for key in ("lds_margin_aligned", "lds_class_margin_aligned", "logo_margin_aligned", "fidelity_dist1")
@@ -242,7 +233,7 @@ def variant_row(name: str, base: str, quality: dict) -> list[str]:
     return [
         f"`{name}`",
         f"`{base}`",
-        change,
+        settings_text(changed),
         f"`{ddm}`",
         *metrics,
         f"{report['step_size']:.2g}",
@@ -271,7 +262,7 @@ def render_quality(quality: dict) -> list[str]:
             "",
             f"### {name}",
             "",
-            f"Overrides: {overrides_text(entry['overrides'])}.",
+            f"Overrides: {settings_text(entry['overrides'])}.",
             "",
             *quality_table(entry["report"]),
             "",
@@ -360,7 +351,7 @@ def render_peers(peers: dict) -> list[str]:
             "",
             f"### {name}",
             "",
-            f"Overrides: {overrides_text(entry['overrides'])}; not run: {listing(entry['not_run'])}.",
+            f"Overrides: {settings_text(entry['overrides'])}; not run: {listing(entry['not_run'])}.",
             "",
             *table(["method", *(c[1] for c in PEER_COLUMNS)], rows),
             "",
@@ -400,7 +391,7 @@ def render_data_quality(result: dict) -> list[str]:
     return [
         DATA_QUALITY_INTRO,
         "",
-        f"Overrides: {overrides_text(result['config'])}; flipped share {score(result['noisy_fraction'])}.",
+        f"Overrides: {settings_text(result['config'])}; flipped share {score(result['noisy_fraction'])}.",
         "",
         *table(["method", "detection AUC", "found at 5 %", "found at 10 %", "found at 20 %"], rows),
         "",
@@ -591,10 +582,9 @@ def headline(peers: dict, quality: dict, data_quality: dict) -> list[str]:
 
 RESULTS_INTRO = """# Results
 
-Every number below is read from `benchmarks/results/*.json`, which the benchmark scripts write; rerun a benchmark,
-then `python -m pipeline.docs` (or `make docs`). The scripts also write quick summaries next to their JSON
-(`quality.md`, `peers.md`); this page supersedes them. What the metrics mean:
-[method.md](method.md#how-quality-is-measured).
+Every number below is read from `benchmarks/results/*.json`, which the benchmark scripts write; `quality.py` and
+`peers.py` regenerate this page when they finish, after any other benchmark run `python -m pipeline.docs` (or
+`make docs`). What the metrics mean: [method.md](method.md#how-quality-is-measured).
 
 ## Headline"""
 
