@@ -12,10 +12,9 @@ from typing import Any
 import yaml
 
 from ddm_ops.config import Params
-from stages import STAGES
 from stages.artifacts import Paths, read_parquet, score_matrix
 from stages.common import flatten
-from stages.report import git_commit
+from stages.report import git_commit, upstream_metrics
 
 KIND_TAG, KIND = "mlflow.experimentKind", "custom_model_development"  # MLflow 3: the runs table, not GenAI's
 
@@ -67,7 +66,7 @@ def log_pipeline_run(
     tables: dict[str, Any] | None = None,
     datasets: dict[str, tuple[Any, Path]] | None = None,
     histories: dict[str, tuple[Any, str]] | None = None,
-    name: str = "",
+    name: str | None = None,
 ) -> str:
     """Log one pipeline run (parent) with a nested run per stage; return the parent run id.
 
@@ -90,7 +89,7 @@ def log_pipeline_run(
     end = int(time.time() * 1000)
     spans = {s: int(1000 * m.get("stage_seconds", 0.0)) for s, m in stage_metrics.items()}
     start = end - sum(spans.values())
-    parent = client.create_run(experiment, start_time=start, tags=tags, run_name=name or None)
+    parent = client.create_run(experiment, start_time=start, tags=tags, run_name=name)
     with mlflow.start_run(run_id=parent.info.run_id):
         mlflow.log_params(flatten(dumped))
         mlflow.log_metrics({k: float(v) for k, v in summary.items()})
@@ -141,7 +140,7 @@ def log_report(root: Path, params: Params, report: Path, summary: dict[str, floa
     import pandas as pd
 
     paths = Paths(root)
-    stage_metrics = {s: json.loads((paths.stage(s) / "metrics.json").read_text()) for s in STAGES if s != "report"}
+    stage_metrics = upstream_metrics(paths)
     objective = params.attribute.objectives[0]
     attribution = read_parquet(paths.stage("attribute") / "attribution.parquet")
     wide = score_matrix(attribution[attribution["objective"] == objective])

@@ -295,7 +295,7 @@ def render_html(text: str, folder: Path, params: Params) -> str:
 
 def run(params: Params, paths: Paths, out: Path, fan_out: FanOut = in_process) -> dict:
     ds = dataset(params)
-    stage_metrics = {s: json.loads((paths.stage(s) / "metrics.json").read_text()) for s in STAGES if s != "report"}
+    stage_metrics = upstream_metrics(paths)
     summary = summarise(stage_metrics)
     figures = out / "figures"
     figures.mkdir()
@@ -398,3 +398,8 @@ def git_commit(root: Path) -> str | None:
     except OSError:
         return None
     return out.stdout.strip() or None
+
+
+def upstream_metrics(paths: Paths) -> dict[str, dict[str, float]]:
+    """Every stage's metrics.json but the report's, by stage: what the report summarises and MLflow logs."""
+    return {s: json.loads((paths.stage(s) / "metrics.json").read_text()) for s in STAGES if s != "report"}
