@@ -1,5 +1,5 @@
-"""What stages share besides their files: the run's dataset and models, checks that need the data, and the fan-out
-they are handed (the pipeline passes Prefect's; used as a library, a stage runs its items here, in turn)."""
+"""What stages share besides their files: the run's dataset and models, the fan-out they are handed (the pipeline
+passes Prefect's; used as a library, a stage runs its items here, in turn), and nested results as dotted keys."""
 
 from __future__ import annotations
 
