@@ -20,7 +20,7 @@ import json
 import pandas as pd
 from quality import RESULTS, WORK, by_name, config, run_config
 
-from ddm_ops.config import BASELINES
+from ddm_ops.config import BASELINES, CALIBRATED
 
 NAME = "digits_k50_noise10"
 RESULT = RESULTS / "data_quality.json"
@@ -37,8 +37,7 @@ def noisy() -> dict:
         raise SystemExit(f"{calibrated} is missing: run `python benchmarks/quality.py digits_k50` first (its step)")
     clean = json.loads(calibrated.read_text())
     overrides["perturb"] = {"step_size": clean["step_size"]}
-    needs_truth = {"ddm_paper", "gradient_ascent", "forward_matching"}
-    overrides["baselines"] = {"enabled": True, "methods": [m for m in BASELINES if m not in needs_truth]}
+    overrides["baselines"] = {"enabled": True, "methods": [m for m in BASELINES if m not in CALIBRATED]}
     return overrides
 
 

@@ -26,10 +26,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from ddm_ops.config import load_params  # noqa: E402
+from ddm_ops.ddm import DDM  # noqa: E402
 from pipeline import PACKAGES  # noqa: E402
 from stages import attribute, train_target  # noqa: E402
 from stages.artifacts import Paths, load_tensors  # noqa: E402
-from stages.removal import remove_all  # noqa: E402
+from stages.common import dataset  # noqa: E402
+from stages.task import load_factors, run_task  # noqa: E402
 
 
 def fresh_project(folder: Path) -> None:
@@ -86,12 +88,17 @@ def _median(values: list[float]) -> float:
 def online_vs_training(folder: Path, repeats: int = 3) -> dict:
     """The pipeline's own functions side by side, warm, in this one process (median of `repeats` each): the target's
     training (`stages.train_target.run`), the removal of every cluster with its removed model's test logits
-    (`stages.removal.remove_all`, the perturb stage's work, which times its own online part after a warm-up) and
+    (`DDM.attribute` fitted as the perturb stage fits it, which times its own online part after a warm-up) and
     the scores and distances (`stages.attribute.run`). Each runs with the threads the pipeline gives it."""
     params = load_params(folder / "params.yaml")
     paths = Paths(folder)
     synset = load_tensors(paths.stage("distill") / "synset.pt")
     step = json.loads((paths.stage("perturb") / "metrics.json").read_text())["step_size"]
+    perturb = params.perturb.model_copy(update={"step_size": step})
+    ddm = DDM(params.distill, perturb, distiller=lambda task, distill: synset, factors=load_factors(paths))
+    ddm.fit(run_task(params, paths, calibrate=False))
+    ds = dataset(params)
+    x, y = ds.x_test.to(ddm.images.device), ds.y_test.to(ddm.images.device)
     threads = torch.get_num_threads()
     trainings, removals, online, scoring = [], [], [], []
     with tempfile.TemporaryDirectory() as tmp:
@@ -101,9 +108,9 @@ def online_vs_training(folder: Path, repeats: int = 3) -> dict:
             trainings.append(train_target.run(params, paths, out)["train_seconds"])  # pins threads_per_worker
         torch.set_num_threads(threads)  # as the perturb and attribute stages run
         for r in range(repeats):
-            removal = remove_all(params, paths, synset, step)
-            removals.append(removal["removal_seconds"])
-            online.append(removal["online_seconds"])
+            removal = ddm.attribute(x, y, [])
+            removals.append(removal.details["removal_seconds"])
+            online.append(removal.online_seconds)
             out = Path(tmp) / f"attribute_{r}"
             out.mkdir()
             scoring.append(attribute.run(params, paths, out)["attribute_seconds"])

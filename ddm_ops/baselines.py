@@ -1,15 +1,21 @@
 """Reference methods on the same clusters and outputs as DDM: trivial baselines that keep the metrics honest,
-the first-order trajectory estimate, and gradient ascent on the real cluster from θ_T."""
+the first-order trajectory estimate, and gradient ascent on the real cluster from θ_T (functions, and each as an
+attributor)."""
 
 from __future__ import annotations
+
+import time
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
-from ddm_ops.functional import Weights, per_sample_grads
+from ddm_ops.attributors import Attribution, Task, removed_model_scores
+from ddm_ops.calibration import calibrate_step
+from ddm_ops.functional import Weights, per_sample_grads, split_state
 from ddm_ops.objectives import OBJECTIVES
-from ddm_ops.trajectory import Trajectory
+from ddm_ops.trajectory import Trajectory, cluster_gradients
 from ddm_ops.unlearn import outputs_of, unlearn
 
 TEST_GRADIENT_ENTRIES = 1 << 26  # per-sample test-gradient entries held at once (a ResNet18's 450 needed 40 GB)
@@ -82,3 +88,81 @@ def gradient_ascent_outputs(
         removed = unlearn(model, params, buffers, x[None], labels[None], n_steps, step_size, sign=-1.0)
         outs.append(outputs_of(model, removed, buffers, x_test)[0])
     return torch.stack(outs)
+
+
+GRADIENT_OBJECTIVES = ("margin", "loss")  # what the gradient methods score (the quality metrics read these)
+
+
+class ClassIndicator:
+    """1 where the cluster's class is the test sample's: the floor every method must clear."""
+
+    objectives = tuple(OBJECTIVES)
+
+    def fit(self, task: Task) -> None:
+        self.labels = task.cluster_labels
+
+    def attribute(self, x: torch.Tensor, y: torch.Tensor, objectives: Sequence[str]) -> Attribution:
+        matrix = class_indicator(self.labels, y.cpu().numpy())
+        return Attribution({o: matrix for o in objectives})
+
+
+class InputSimilarity(ClassIndicator):
+    """Mean cosine similarity of the cluster's members to the test input, for clusters of its class."""
+
+    def fit(self, task: Task) -> None:
+        super().fit(task)
+        self.x, self.clusters = task.train[0].cpu(), task.clusters
+
+    def attribute(self, x: torch.Tensor, y: torch.Tensor, objectives: Sequence[str]) -> Attribution:
+        matrix = input_similarity(self.x, self.clusters, self.labels, x.cpu(), y.cpu().numpy())
+        return Attribution({o: matrix for o in objectives})
+
+
+class FirstOrder:
+    """The first-order trajectory estimate (TracIn over the recorded checkpoints, summed over each cluster):
+    offline the clusters' real gradients along the trajectory; online seconds are per objective."""
+
+    objectives = GRADIENT_OBJECTIVES
+
+    def fit(self, task: Task) -> None:
+        self.model = task.network()
+        self.trajectory = Trajectory.from_checkpoints(self.model, task.checkpoints, task.batch_size).to(task.device)
+        self.grads = [cluster_gradients(self.model, self.trajectory, *task.members(k)) for k in range(task.n_clusters)]
+
+    def attribute(self, x: torch.Tensor, y: torch.Tensor, objectives: Sequence[str]) -> Attribution:
+        start = time.perf_counter()
+        matrices = {o: first_order_scores(self.model, self.trajectory, self.grads, x, y, o) for o in objectives}
+        return Attribution(matrices, online_seconds=(time.perf_counter() - start) / max(1, len(objectives)))
+
+
+class GradientAscent:
+    """`steps` ascent steps on the real cluster's mean loss from θ_T, the step size fitted on the task's calibration
+    clusters (offline); the removed models are real models with outputs."""
+
+    objectives = tuple(OBJECTIVES)
+
+    def __init__(self, steps: int = 3):
+        self.steps = steps
+
+    def fit(self, task: Task) -> None:
+        if task.calibration is None:
+            raise ValueError("gradient_ascent fits its step size on retrained clusters: Task.calibration is needed")
+        self.model = task.network()
+        self.theta, self.buffers = split_state(self.model, task.final)
+        self.members = [task.members(k) for k in range(task.n_clusters)]
+        self.num_classes = task.num_classes
+        c = task.calibration
+        calibration = [self.members[k] for k in c.clusters]
+        self.step, self.curve = calibrate_step(lambda s: self._outputs(calibration, s, c.x), c.logits.to(task.device))
+
+    def _outputs(self, members: list, step: float, x: torch.Tensor) -> torch.Tensor:
+        model, theta, buffers = self.model, self.theta, self.buffers
+        return gradient_ascent_outputs(model, theta, buffers, members, self.steps, step, x, self.num_classes)
+
+    def attribute(self, x: torch.Tensor, y: torch.Tensor, objectives: Sequence[str]) -> Attribution:
+        start = time.perf_counter()
+        logits = self._outputs(self.members, self.step, x)
+        online = time.perf_counter() - start
+        base = outputs_of(self.model, {k: v[None] for k, v in self.theta.items()}, self.buffers, x)[0]
+        matrices = removed_model_scores(base, logits, y, objectives, "gradient_ascent")
+        return Attribution(matrices, logits.cpu(), base.cpu(), online_seconds=online, step_size=self.step)

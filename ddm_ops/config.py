@@ -274,6 +274,7 @@ BASELINES = (
     "ekfac",
     "ekfac_ensemble",
 )
+CALIBRATED = ("ddm_paper", "gradient_ascent", "forward_matching")  # their removal step is fitted on retrainings
 
 
 class BaselinesParams(_Block):
@@ -376,7 +377,7 @@ class Params(_Block):
             raise ValueError(
                 "perturb.step_size = 'auto' needs ground_truth.enabled: true and ground_truth.calibration_clusters > 0"
             )
-        calibrated = sorted({"ddm_paper", "gradient_ascent", "forward_matching"} & set(self.baselines.methods))
+        calibrated = sorted(set(CALIBRATED) & set(self.baselines.methods))
         if self.baselines.enabled and calibrated and not (gt.enabled and gt.calibration_clusters > 0):
             raise ValueError(
                 f"baselines.methods = {calibrated} needs ground_truth.enabled: true and "

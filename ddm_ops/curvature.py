@@ -17,6 +17,7 @@ from torch import nn
 from torch.func import functional_call
 
 from ddm_ops.functional import Weights, math_attention
+from ddm_ops.trajectory import Trajectory
 
 BATCH = 256  # training images per pass
 PER_SAMPLE_ENTRIES = 1 << 24  # per-sample gradient entries held at once (a ResNet18 layer's 256 took 4.8 GB)
@@ -201,3 +202,16 @@ def from_state(state: dict) -> Factors:
         LayerFactors(d["weight"], d["bias"] or None, tuple(d["shape"]), d["qa"], d["qs"], d["lam"])
         for d in state["layers"]
     ]
+
+
+def curvature_factors(
+    model: nn.Module, trajectory: Trajectory, x: torch.Tensor, checkpoints: int, seed: int
+) -> tuple[torch.Tensor, list[Factors]]:
+    """EK-FAC factors of the training loss (true Fisher over x) at the last `checkpoints` checkpoints: (their
+    indices, the factors at each)."""
+    index = trajectory.last(checkpoints)
+    factors = []
+    for i in index.tolist():
+        theta, buffers = trajectory.at(i)
+        factors.append(fit_factors(model, theta, buffers, x, seed=seed * 1_009 + i))
+    return index, factors

@@ -12,7 +12,7 @@ import copy
 import logging
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
 import numpy as np
@@ -22,24 +22,10 @@ from torch import nn
 from torch.func import functional_call
 from torch.utils.data import DataLoader, TensorDataset
 
-from ddm_ops.config import ParamsError
+from ddm_ops.attributors import Attribution, Task
 from ddm_ops.objectives import OBJECTIVES
 
 PEERS = ("tracin", "influence", "trak", "trak_ensemble", "ekfac", "ekfac_ensemble")
-INSTALL = "pip install -c constraints.txt -e '.[peers]'"
-
-
-def check_installed(methods: list[str]) -> None:
-    """Raise ParamsError before any work when a requested peer's library is missing."""
-    needed = {"tracin": "dattri", "influence": "dattri", "trak": "dattri", "trak_ensemble": "dattri"}
-    for method in methods:
-        module = needed.get(method, "kronfluence" if method.startswith("ekfac") else None)
-        if module is None:
-            continue
-        try:
-            __import__(module)
-        except ImportError:
-            raise ParamsError(f"baselines.methods lists {method!r}, which needs {module}: {INSTALL}") from None
 
 
 class Phases:
@@ -283,3 +269,45 @@ def ekfac_ensemble(
     """EK-FAC influence (as `ekfac`) at each of the given checkpoints, scores averaged: the reference that DDM's
     checkpoint-averaged Newton removal imitates with the real training data."""
     return np.mean([ekfac(model, s, train, test, objective, phases) for s in states], axis=0)
+
+
+class Peer:
+    """A peer as an attributor: `method` one of PEERS; `models` the last this many checkpoints of the ensembles,
+    `damping` the influence function's. Per-sample scores summed over each cluster; the libraries fit per
+    objective, so offline and online seconds are the means over the objectives."""
+
+    objectives = ("margin", "loss")
+
+    def __init__(self, method: str, models: int = 5, damping: float = 0.0):
+        if method not in PEERS:
+            raise ValueError(f"peer {method!r}: allowed {', '.join(PEERS)}")
+        self.method, self.models, self.damping = method, models, damping
+
+    def fit(self, task: Task) -> None:
+        self.task, self.model = task, task.network()
+
+    def _scores(self, test: tuple[torch.Tensor, torch.Tensor], objective: str, phases: Phases) -> np.ndarray:
+        """(N, M) per-sample scores."""
+        task, model, train, final = self.task, self.model, self.task.train, self.task.final
+        on_device = lambda cs: [{k: v.to(task.device) for k, v in c.state.items()} for c in cs]  # noqa: E731
+        states = on_device(task.checkpoints[-self.models :])
+        if self.method == "tracin":
+            past = task.checkpoints[:-1]  # θ_t, weighted by the SGD it received
+            weights = [c.lr * c.epochs / task.batch_size for c in past]
+            return tracin(model, on_device(past), weights, train, test, objective, phases)
+        if self.method == "influence":
+            return influence(model, final, train, test, objective, phases, self.damping)
+        if self.method.startswith("trak"):
+            return trak(model, states if self.method == "trak_ensemble" else [final], train, test, objective, phases)
+        if self.method == "ekfac":
+            return ekfac(model, final, train, test, objective, phases)
+        return ekfac_ensemble(model, states, train, test, objective, phases)
+
+    def attribute(self, x: torch.Tensor, y: torch.Tensor, objectives: Sequence[str]) -> Attribution:
+        matrices, phases = {}, []
+        for o in objectives:
+            phases.append(Phases())
+            per_sample = self._scores((x, y), o, phases[-1])
+            matrices[o] = per_cluster(per_sample, self.task.clusters, self.task.n_clusters)
+        offline, online = (float(np.mean([ph.seconds[k] for ph in phases])) for k in ("offline", "online"))
+        return Attribution(matrices, offline_seconds=offline, online_seconds=online)

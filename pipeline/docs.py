@@ -466,7 +466,10 @@ def render_speed(result: dict) -> list[str]:
             [name, amount(online[key]), f"{online[key] / online['train_seconds']:.1%}"]
             for name, key in (
                 (f"removal steps of all {online['n_clusters']} clusters", "removal_seconds"),
-                ("removal + removed models' test outputs (`stages.removal.remove_all`)", "online_seconds"),
+                (
+                    "removal + removed models' test outputs (`DDM.attribute`, as the perturb stage fits it)",
+                    "online_seconds",
+                ),
                 ("scores and distances (`stages.attribute.run`)", "attribute_seconds"),
             )
         ],

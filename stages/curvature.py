@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from ddm_ops.config import Params
-from ddm_ops.curvature import fit_factors, to_state
+from ddm_ops.curvature import curvature_factors, to_state
 from ddm_ops.devices import resolve_device
 from ddm_ops.models import functional_mode
 from ddm_ops.trajectory import Trajectory
@@ -26,14 +26,11 @@ def run(params: Params, paths: Paths, out: Path, fan_out: FanOut = in_process) -
         model = functional_mode(new_model(params, ds).to(device), params.distill.batchnorm)
         checkpoints = load_checkpoints(paths.stage("train_target") / "checkpoints")
         trajectory = Trajectory.from_checkpoints(model, checkpoints, params.train.batch_size).to(device)
-        index = trajectory.last(params.distill.checkpoints)
-        x = ds.x_train.to(device)
         start = time.perf_counter()
-        for i in index.tolist():
-            theta, buffers = trajectory.at(i)
-            factors = fit_factors(model, theta, buffers, x, seed=params.base.seed * 1_009 + i)
-            state["factors"].append(to_state([f.to(torch.device("cpu")) for f in factors]))
-        state["checkpoints"] = index
+        index, factors = curvature_factors(
+            model, trajectory, ds.x_train.to(device), params.distill.checkpoints, params.base.seed
+        )
+        state = {"checkpoints": index, "factors": [to_state([f.to(torch.device("cpu")) for f in fs]) for fs in factors]}
         metrics.update(n_checkpoints=len(index), curvature_seconds=time.perf_counter() - start)
     torch.save(state, out / "factors.pt")
     return metrics

@@ -7,34 +7,43 @@ With `perturb.step_size: auto` the step size is first fitted on the ground truth
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 
 from ddm_ops.config import Params
+from ddm_ops.ddm import DDM
+from ddm_ops.devices import peak_memory
 from stages.artifacts import BASE, Paths, load_tensors, long_logits, write_parquet
 from stages.common import FanOut, dataset, in_process
-from stages.removal import remove_all
-
-log = logging.getLogger(__name__)
+from stages.task import load_factors, run_task
 
 
 def run(params: Params, paths: Paths, out: Path, fan_out: FanOut = in_process) -> dict:
     ds = dataset(params)
     synset = load_tensors(paths.stage("distill") / "synset.pt")
-    removal = remove_all(params, paths, synset, params.perturb.step_size)
-    metrics = {k: removal[k] for k in ("step_size", "removal_seconds", "online_seconds", "online_peak_memory_mb")}
-    if removal["calibration"] is not None:
+    task = run_task(params, paths, calibrate=params.perturb.step_size == "auto")
+    ddm = DDM(params.distill, params.perturb, distiller=lambda task, distill: synset, factors=load_factors(paths))
+    ddm.fit(task)
+    metrics: dict = {}
+    with peak_memory(metrics, "online_peak_memory_mb"):
+        removal = ddm.attribute(ds.x_test.to(task.device), ds.y_test.to(task.device), [])
+    metrics.update(
+        step_size=removal.step_size,
+        removal_seconds=removal.details["removal_seconds"],
+        online_seconds=removal.online_seconds,
+    )
+    if ddm.curve is not None:
         write_parquet(
-            pd.DataFrame(removal["calibration"]),
+            pd.DataFrame(ddm.curve),
             out / "calibration.parquet",
             "Mean Dist1 to the retrained calibration clusters for each candidate removal step size.",
             {"step_size": "removal step size", "dist1": "mean Dist1 of the removed to the retrained models"},
         )
-        metrics["calibrated_step_size"] = removal["step_size"]
-    logits = removal["logits"].numpy()  # (1 + K, M, C)
+        metrics["calibrated_step_size"] = removal.step_size
+    logits = torch.cat([removal.base[None], removal.logits]).numpy()  # (1 + K, M, C)
     ids = np.concatenate([[BASE], synset["cluster_ids"].numpy()])
     write_parquet(
         long_logits(logits, ids, ds.test_index),

@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 
 from ddm_ops.config import Params
+from ddm_ops.methods import METHODS
 from stages import STAGES
 from stages.artifacts import Paths, RunTables, load_tensors, read_parquet, score_matrix, write_json, write_parquet
 from stages.common import FanOut, dataset, flatten, in_process
@@ -103,6 +104,8 @@ def _quality_markdown(table: pd.DataFrame, side_by_side: pd.DataFrame, undefined
         "sample; online: the attribution of the test samples; memory: peak extra resident memory.",
         "",
         side_by_side.set_index("method").to_markdown(floatfmt=".4g"),
+        "",
+        *(f"- `{m}`: {METHODS[m].description}" for m in side_by_side["method"] if m in METHODS),
         "",
         "All metrics:",
         "",

@@ -1,5 +1,5 @@
 """The synsets: every cluster distilled into a few synthetic images by gradient matching, one task and one folder per
-cluster (the offline part of DDM, used by the distill stage and by the baselines' DDM variants)."""
+cluster (DDM's offline part through the pipeline's fan-out: the distill stage's, and the baselines' DDM variants')."""
 
 from __future__ import annotations
 

@@ -119,4 +119,5 @@ def test_dvc_yaml_declares_every_module_and_params_block_a_stage_depends_on(stag
 def test_the_checks_can_fail():
     """The derivations see what they must: the report reaches the quality code, perturb reads its own block."""
     assert "stages.reporting.quality" in closure("stages.report") and "ddm_ops.metrics" in closure("stages.report")
-    assert "perturb.update" in params_read("stages.removal") and "stages.synsets" not in closure("stages.perturb")
+    assert "perturb.update" in params_read("stages.curvature") and "stages.synsets" not in closure("stages.perturb")
+    assert {"distill", "baselines.gradient_ascent_steps"} <= params_read("ddm_ops.methods")

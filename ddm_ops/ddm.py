@@ -1,0 +1,165 @@
+"""DDM as an attributor. Offline: every cluster distilled into its synset, the training loss's EK-FAC curvature at
+the checkpoints the removal uses, the step size (given, or fitted on calibration clusters). Online: each cluster
+removed by its synset (a Newton step at those checkpoints, or the paper's n_u SGD steps from θ_T), with every
+removed model's test logits; the scores are the drops of the objectives."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+
+from ddm_ops.attributors import Attribution, Task, removed_model_scores
+from ddm_ops.calibration import NEWTON_STEP_GRID, STEP_GRID, calibrate_step
+from ddm_ops.cluster import nearest_members
+from ddm_ops.config import DistillParams, PerturbParams
+from ddm_ops.curvature import Factors, curvature_factors, damping_value
+from ddm_ops.devices import synchronize
+from ddm_ops.distill import distill_cluster, removal_sign
+from ddm_ops.functional import split_state
+from ddm_ops.models import functional_mode
+from ddm_ops.objectives import OBJECTIVES
+from ddm_ops.trajectory import Trajectory
+from ddm_ops.unlearn import newton_removal, outputs_of, unlearn
+
+log = logging.getLogger(__name__)
+WEIGHTS_PER_PASS = 50_000_000  # removals are batched so that their stacked weights stay below this many numbers
+PAPER = {"pairing": "mirrored", "ipc": 2, "iterations": 100}  # the paper's DDM as this project first ran it
+
+Distiller = Callable[[Task, DistillParams], dict]  # -> the stacked synset (see distill_synsets)
+
+
+def distill_synsets(task: Task, params: DistillParams) -> dict:
+    """Every cluster's synset, distilled in this process one cluster after another.
+
+    Returns images (K, ipc, C, H, W), soft labels (K, ipc, classes), cluster_ids (K,), init_index (K, ipc) (the
+    members matching started from) and the direction, as the distill stage's synset.pt."""
+    model = functional_mode(task.network(), params.batchnorm)
+    trajectory = Trajectory.from_checkpoints(model, task.checkpoints, task.batch_size).to(task.device)
+    distance, parts, init = task.distances(), [], []
+    for k in range(task.n_clusters):
+        init.append(torch.from_numpy(nearest_members(task.clusters, distance, k, params.ipc)))
+        synset, _ = distill_cluster(
+            model, trajectory, task.members(k), task.train[0][init[-1]], task.num_classes, params, f"cluster {k}"
+        )
+        parts.append(synset)
+        log.info("distilled cluster %d/%d", k + 1, task.n_clusters)
+    return {
+        "images": torch.stack([s.images.cpu() for s in parts]),
+        "labels": torch.stack([s.labels.cpu() for s in parts]),
+        "cluster_ids": torch.arange(task.n_clusters),
+        "init_index": torch.stack(init),
+        "direction": params.direction,
+    }
+
+
+class DDM:
+    """The Distilled Datamodel. `distill` and `perturb` as the params blocks of the same names (their defaults:
+    checkpoint-paired synsets removed by EK-FAC Newton steps). `distiller` makes the synsets (default: in this
+    process, cluster after cluster; the pipeline hands its fan-out, or the distill stage's file); `factors`
+    (indices, factors) are the curvature when already fitted (the curvature stage's), else fitted in `fit`.
+    A step size "auto" is fitted on the task's calibration clusters."""
+
+    objectives = tuple(OBJECTIVES)
+
+    def __init__(
+        self,
+        distill: DistillParams | None = None,
+        perturb: PerturbParams | None = None,
+        distiller: Distiller = distill_synsets,
+        factors: tuple[torch.Tensor, list[Factors]] | None = None,
+    ):
+        self.distill, self.perturb = distill or DistillParams(), perturb or PerturbParams()
+        self.distiller, self.factors = distiller, factors
+        self.curve: list[dict] | None = None
+
+    def fit(self, task: Task) -> None:
+        device = task.device
+        self.model = model = functional_mode(task.network(), self.distill.batchnorm)
+        trajectory = Trajectory.from_checkpoints(model, task.checkpoints, task.batch_size).to(device)
+        self.synset = synset = self.distiller(task, self.distill)
+        self.images, self.labels = synset["images"].to(device), synset["labels"].to(device)
+        self.sign = removal_sign(synset["direction"])
+        self.theta, self.buffers = split_state(model, task.final)
+        self.per_pass = max(1, WEIGHTS_PER_PASS // sum(v.numel() for v in self.theta.values()))
+        self.unit = task.batch_size / len(task.train[0])  # the influence-function step for checkpoint-paired synsets
+        self.points = []
+        if self.perturb.update == "ekfac":
+            index, factors = self.factors or curvature_factors(
+                model, trajectory, task.train[0], self.distill.checkpoints, task.seed
+            )
+            for i, layers in zip(index.tolist(), factors):
+                weights, buffers = trajectory.at(i)
+                layers = [f.to(device) for f in layers]
+                self.points.append((weights, buffers, layers, damping_value(layers, self.perturb.damping)))
+        self.step = self.perturb.step_size
+        if self.step == "auto":
+            c = task.calibration
+            if c is None:
+                raise ValueError("perturb.step_size 'auto' is fitted on retrained clusters: Task.calibration is needed")
+            grid = STEP_GRID if self.perturb.update == "sgd" else NEWTON_STEP_GRID
+            log.info("calibrating the step on %d clusters' retrainings over %d sizes", len(c.clusters), len(grid))
+            anchors = self._anchors(c.x)
+            self.step, self.curve = calibrate_step(
+                lambda s: self._remove(c.clusters, s, c.x, anchors)[0], c.logits.to(device), grid
+            )
+
+    def _anchors(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Test logits of θ_T, then of each checkpoint the Newton removal starts from: they do not depend on the
+        removed cluster or the step, so each is computed once per use."""
+        weights = [(self.theta, self.buffers)] + [(w, b) for w, b, _, _ in self.points]
+        return [outputs_of(self.model, {k: v[None] for k, v in w.items()}, b, x) for w, b in weights]
+
+    def _pass(self, part: np.ndarray, step: float, x: torch.Tensor, anchors: list) -> tuple[torch.Tensor, float]:
+        """Test logits of the removed models of one pass, and the seconds their weight updates took."""
+        model, images, labels, device = self.model, self.images[part], self.labels[part], self.images.device
+        start = time.perf_counter()
+        if self.perturb.update == "sgd":
+            removed = unlearn(model, self.theta, self.buffers, images, labels, self.perturb.n_u, step, self.sign)
+            synchronize(device)
+            seconds = time.perf_counter() - start
+            return outputs_of(model, removed, self.buffers, x), seconds
+        change, seconds = 0.0, 0.0
+        for (weights, buffers, factors, damping), at in zip(self.points, anchors[1:]):
+            start = time.perf_counter()
+            removed = newton_removal(
+                model, weights, buffers, factors, images, labels, step * self.unit, damping, self.sign
+            )
+            synchronize(device)
+            seconds += time.perf_counter() - start
+            change = change + outputs_of(model, removed, buffers, x) - at
+        return anchors[0] + change / len(self.points), seconds
+
+    def _remove(self, rows: np.ndarray, step: float, x: torch.Tensor, anchors: list) -> tuple[torch.Tensor, float]:
+        """Test logits of the models with each row's synset removed, and the seconds the removal steps took."""
+        logits, seconds = [], 0.0
+        for part in np.array_split(rows, -(-len(rows) // self.per_pass)):
+            synchronize(self.images.device)
+            out, took = self._pass(part, step, x, anchors)
+            logits.append(out)
+            seconds += took
+        return torch.cat(logits), seconds
+
+    def attribute(self, x: torch.Tensor, y: torch.Tensor, objectives: Sequence[str]) -> Attribution:
+        """Every cluster removed; online seconds: the removals and the removed models' outputs on x, after a one-off
+        warm-up; details: removal_seconds (the weight updates alone)."""
+        device = self.images.device
+        self._remove(np.arange(1), self.step, x, self._anchors(x))  # warm-up, not part of the timed online work
+        synchronize(device)
+        start = time.perf_counter()
+        anchors = self._anchors(x)
+        removed, removal_seconds = self._remove(np.arange(len(self.images)), self.step, x, anchors)
+        synchronize(device)
+        online = time.perf_counter() - start
+        base = anchors[0][0]
+        return Attribution(
+            removed_model_scores(base, removed, y, objectives, f"ddm (update {self.perturb.update}, step {self.step})"),
+            removed.cpu(),
+            base.cpu(),
+            online_seconds=online,
+            step_size=self.step,
+            details={"removal_seconds": removal_seconds},
+        )
