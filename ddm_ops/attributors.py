@@ -19,6 +19,8 @@ from ddm_ops.attribution import scores
 from ddm_ops.devices import peak_memory
 from ddm_ops.train import Checkpoint, DivergenceError
 
+GRADIENT_OBJECTIVES = ("margin", "loss")  # what the gradient methods score (the quality metrics read these)
+
 
 @dataclass(frozen=True)
 class Calibration:
@@ -103,7 +105,8 @@ class Task:
 class Attribution:
     """A method's answer: `scores` {objective: (K, M)}, the drop of o_j when cluster κ is removed (positive = the
     cluster helps); where the method makes removed models, their test logits (K, M, C) and θ_T's (M, C), on the
-    CPU; its costs (filled by `run`: offline = fit plus offline work done while answering, online = the answer);
+    CPU; its costs (filled by `run`: offline = fit plus offline work done while answering, online = the answer, or
+    the part of it the method times itself, e.g. after a warm-up);
     `step_size` where one was fitted, and method-specific figures in `details`."""
 
     scores: dict[str, np.ndarray]
@@ -127,22 +130,34 @@ class Attributor(Protocol):
 
 
 def removed_model_scores(
-    base: torch.Tensor, logits: torch.Tensor, y: torch.Tensor, objectives: Sequence[str], name: str
+    base: torch.Tensor, logits: torch.Tensor, y: torch.Tensor, objectives: Sequence[str], removal: str
 ) -> dict[str, np.ndarray]:
     """{objective: (K, M)} from θ_T's test logits (M, C) and the removed models' (K, M, C); fails on a removed model
-    with non-finite outputs (its step overflowed)."""
+    with non-finite outputs (its step overflowed), `removal` saying how it was removed."""
     bad = (~torch.isfinite(logits)).flatten(1).any(1)
     if bad.any():
         raise DivergenceError(
-            f"{name}: the model with cluster {int(torch.nonzero(bad)[0])} removed has non-finite test outputs; "
-            "lower its step size"
+            f"the model with cluster {int(torch.nonzero(bad)[0])} removed has non-finite test outputs ({removal})"
         )
     return {o: scores(base, logits, y.to(logits.device), o).cpu().numpy().astype(np.float64) for o in objectives}
 
 
-def run(attributor: Attributor, task: Task, x: torch.Tensor, y: torch.Tensor, objectives: Sequence[str]) -> Attribution:
-    """fit, then attribute the objectives the method can score, with its costs and peak extra memory."""
+def run(
+    attributor: Attributor,
+    task: Task,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    objectives: Sequence[str],
+    name: str | None = None,
+) -> Attribution:
+    """fit, then attribute the objectives the method can score, with its costs and peak extra memory; `name` (default:
+    the class's) is what errors call the method."""
+    name = name or type(attributor).__name__
     wanted = [o for o in objectives if o in attributor.objectives]
+    if not wanted:
+        raise ValueError(
+            f"{name} scores {list(attributor.objectives)}, none of the objectives asked: {list(objectives)}"
+        )
     record: dict = {}
     with peak_memory(record, "memory"):
         start = time.perf_counter()
@@ -154,7 +169,8 @@ def run(attributor: Attributor, task: Task, x: torch.Tensor, y: torch.Tensor, ob
         bad = ~np.isfinite(matrix).all(1)
         if bad.any():
             raise DivergenceError(
-                f"{type(attributor).__name__}: non-finite {objective} scores for cluster {int(bad.argmax())}"
+                f"{name}: non-finite {objective} scores for cluster {int(bad.argmax())}; its step size or damping "
+                "overflowed"
             )
     return replace(
         result,

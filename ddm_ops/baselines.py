@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ddm_ops.attributors import Attribution, Task, removed_model_scores
+from ddm_ops.attributors import GRADIENT_OBJECTIVES, Attribution, Task, removed_model_scores
 from ddm_ops.calibration import calibrate_step
 from ddm_ops.functional import Weights, per_sample_grads, split_state
 from ddm_ops.objectives import OBJECTIVES
@@ -90,9 +90,6 @@ def gradient_ascent_outputs(
     return torch.stack(outs)
 
 
-GRADIENT_OBJECTIVES = ("margin", "loss")  # what the gradient methods score (the quality metrics read these)
-
-
 class ClassIndicator:
     """1 where the cluster's class is the test sample's: the floor every method must clear."""
 
@@ -153,7 +150,7 @@ class GradientAscent:
         self.num_classes = task.num_classes
         c = task.calibration
         calibration = [self.members[k] for k in c.clusters]
-        self.step, self.curve = calibrate_step(lambda s: self._outputs(calibration, s, c.x), c.logits.to(task.device))
+        self.step, _ = calibrate_step(lambda s: self._outputs(calibration, s, c.x), c.logits.to(task.device))
 
     def _outputs(self, members: list, step: float, x: torch.Tensor) -> torch.Tensor:
         model, theta, buffers = self.model, self.theta, self.buffers
@@ -164,5 +161,5 @@ class GradientAscent:
         logits = self._outputs(self.members, self.step, x)
         online = time.perf_counter() - start
         base = outputs_of(self.model, {k: v[None] for k, v in self.theta.items()}, self.buffers, x)[0]
-        matrices = removed_model_scores(base, logits, y, objectives, "gradient_ascent")
+        matrices = removed_model_scores(base, logits, y, objectives, f"gradient ascent, step_size {self.step}")
         return Attribution(matrices, logits.cpu(), base.cpu(), online_seconds=online, step_size=self.step)

@@ -79,7 +79,6 @@ class DDM:
     def fit(self, task: Task) -> None:
         device = task.device
         self.model = model = functional_mode(task.network(), self.distill.batchnorm)
-        trajectory = Trajectory.from_checkpoints(model, task.checkpoints, task.batch_size).to(device)
         self.synset = synset = self.distiller(task, self.distill)
         self.images, self.labels = synset["images"].to(device), synset["labels"].to(device)
         self.sign = removal_sign(synset["direction"])
@@ -88,11 +87,15 @@ class DDM:
         self.unit = task.batch_size / len(task.train[0])  # the influence-function step for checkpoint-paired synsets
         self.points = []
         if self.perturb.update == "ekfac":
-            index, factors = self.factors or curvature_factors(
-                model, trajectory, task.train[0], self.distill.checkpoints, task.seed
-            )
+            if self.factors is None:
+                trajectory = Trajectory.from_checkpoints(model, task.checkpoints, task.batch_size).to(device)
+                index, factors = curvature_factors(
+                    model, trajectory, task.train[0], self.distill.checkpoints, task.seed
+                )
+            else:
+                index, factors = self.factors
             for i, layers in zip(index.tolist(), factors):
-                weights, buffers = trajectory.at(i)
+                weights, buffers = split_state(model, {k: v.to(device) for k, v in task.checkpoints[i].state.items()})
                 layers = [f.to(device) for f in layers]
                 self.points.append((weights, buffers, layers, damping_value(layers, self.perturb.damping)))
         self.step = self.perturb.step_size
@@ -156,7 +159,7 @@ class DDM:
         online = time.perf_counter() - start
         base = anchors[0][0]
         return Attribution(
-            removed_model_scores(base, removed, y, objectives, f"ddm (update {self.perturb.update}, step {self.step})"),
+            removed_model_scores(base, removed, y, objectives, f"update {self.perturb.update}, step_size {self.step}"),
             removed.cpu(),
             base.cpu(),
             online_seconds=online,

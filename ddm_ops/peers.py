@@ -22,7 +22,7 @@ from torch import nn
 from torch.func import functional_call
 from torch.utils.data import DataLoader, TensorDataset
 
-from ddm_ops.attributors import Attribution, Task
+from ddm_ops.attributors import GRADIENT_OBJECTIVES, Attribution, Task
 from ddm_ops.objectives import OBJECTIVES
 
 PEERS = ("tracin", "influence", "trak", "trak_ensemble", "ekfac", "ekfac_ensemble")
@@ -276,7 +276,7 @@ class Peer:
     `damping` the influence function's. Per-sample scores summed over each cluster; the libraries fit per
     objective, so offline and online seconds are the means over the objectives."""
 
-    objectives = ("margin", "loss")
+    objectives = GRADIENT_OBJECTIVES
 
     def __init__(self, method: str, models: int = 5, damping: float = 0.0):
         if method not in PEERS:
@@ -289,19 +289,18 @@ class Peer:
     def _scores(self, test: tuple[torch.Tensor, torch.Tensor], objective: str, phases: Phases) -> np.ndarray:
         """(N, M) per-sample scores."""
         task, model, train, final = self.task, self.model, self.task.train, self.task.final
-        on_device = lambda cs: [{k: v.to(task.device) for k, v in c.state.items()} for c in cs]  # noqa: E731
-        states = on_device(task.checkpoints[-self.models :])
+        last = [c.state for c in task.checkpoints[-self.models :]]  # the ensembles' (as saved: the libraries move them)
         if self.method == "tracin":
             past = task.checkpoints[:-1]  # θ_t, weighted by the SGD it received
             weights = [c.lr * c.epochs / task.batch_size for c in past]
-            return tracin(model, on_device(past), weights, train, test, objective, phases)
+            return tracin(model, [c.state for c in past], weights, train, test, objective, phases)
         if self.method == "influence":
             return influence(model, final, train, test, objective, phases, self.damping)
         if self.method.startswith("trak"):
-            return trak(model, states if self.method == "trak_ensemble" else [final], train, test, objective, phases)
+            return trak(model, last if self.method == "trak_ensemble" else [final], train, test, objective, phases)
         if self.method == "ekfac":
             return ekfac(model, final, train, test, objective, phases)
-        return ekfac_ensemble(model, states, train, test, objective, phases)
+        return ekfac_ensemble(model, last, train, test, objective, phases)
 
     def attribute(self, x: torch.Tensor, y: torch.Tensor, objectives: Sequence[str]) -> Attribution:
         matrices, phases = {}, []

@@ -20,6 +20,7 @@ from ddm_ops.attributors import run as run_method
 from ddm_ops.config import Params
 from ddm_ops.ddm import DDM, Distiller
 from ddm_ops.methods import ALWAYS, METHODS, check_installed
+from ddm_ops.train import DivergenceError
 from stages.artifacts import COST_COLUMNS, Paths, concat_or_empty, long_logits, long_scores, write_parquet
 from stages.common import FanOut, dataset, in_process
 from stages.synsets import distill_all
@@ -56,7 +57,12 @@ def run(params: Params, paths: Paths, out: Path, fan_out: FanOut = in_process) -
             method = METHODS[name].build(params)
             if isinstance(method, DDM):  # its synsets through the pipeline's fan-out, one folder per cluster
                 method.distiller = distiller(params, paths, out / f"{name}_clusters", fan_out)
-            result = run_method(method, task, x, y, params.attribute.objectives)
+            try:
+                result = run_method(method, task, x, y, params.attribute.objectives, name)
+            except DivergenceError as err:
+                raise DivergenceError(
+                    f"baselines {err} (baselines.* params), or leave {name} out of baselines.methods"
+                ) from None
             if name == "forward_matching":
                 torch.save(method.synset, out / "forward_synset.pt")  # also read by the privacy report
             frames += [

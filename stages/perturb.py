@@ -7,6 +7,7 @@ With `perturb.step_size: auto` the step size is first fitted on the ground truth
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,7 @@ import torch
 from ddm_ops.config import Params
 from ddm_ops.ddm import DDM
 from ddm_ops.devices import peak_memory
+from ddm_ops.train import DivergenceError
 from stages.artifacts import BASE, Paths, load_tensors, long_logits, write_parquet
 from stages.common import FanOut, dataset, in_process
 from stages.task import load_factors, run_task
@@ -25,11 +27,19 @@ def run(params: Params, paths: Paths, out: Path, fan_out: FanOut = in_process) -
     ds = dataset(params)
     synset = load_tensors(paths.stage("distill") / "synset.pt")
     task = run_task(params, paths, calibrate=params.perturb.step_size == "auto")
-    ddm = DDM(params.distill, params.perturb, distiller=lambda task, distill: synset, factors=load_factors(paths))
-    ddm.fit(task)
-    metrics: dict = {}
-    with peak_memory(metrics, "online_peak_memory_mb"):
-        removal = ddm.attribute(ds.x_test.to(task.device), ds.y_test.to(task.device), [])
+    factors = load_factors(paths)
+    if params.perturb.update == "ekfac" and factors is None:
+        raise ValueError(f"{paths.stage('curvature') / 'factors.pt'} holds no factors; rerun the curvature stage")
+    ddm = DDM(params.distill, params.perturb, distiller=lambda task, distill: synset, factors=factors)
+    start = time.perf_counter()
+    ddm.fit(task)  # synsets and curvature handed over: the rest of the offline part (the step's calibration)
+    metrics: dict = {"fit_seconds": time.perf_counter() - start}
+    try:
+        with peak_memory(metrics, "online_peak_memory_mb"):
+            removal = ddm.attribute(ds.x_test.to(task.device), ds.y_test.to(task.device), [])
+    except DivergenceError as err:
+        hint = " or raise perturb.damping" if params.perturb.update == "ekfac" else ""
+        raise DivergenceError(f"perturb: {err}; lower perturb.step_size{hint}") from None
     metrics.update(
         step_size=removal.step_size,
         removal_seconds=removal.details["removal_seconds"],
