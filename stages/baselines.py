@@ -60,9 +60,8 @@ def run(params: Params, paths: Paths, out: Path, fan_out: FanOut = in_process) -
             try:
                 result = run_method(method, task, x, y, params.attribute.objectives, name)
             except DivergenceError as err:
-                raise DivergenceError(
-                    f"baselines {err} (baselines.* params), or leave {name} out of baselines.methods"
-                ) from None
+                hint = f"lower its step (baselines.* params), or leave {name} out of baselines.methods"
+                raise DivergenceError(f"baselines: {err}; {hint}") from None
             if name == "forward_matching":
                 torch.save(method.synset, out / "forward_synset.pt")  # also read by the privacy report
             frames += [
