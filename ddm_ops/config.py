@@ -189,8 +189,16 @@ class DistillParams(_Block):
         "it is matched to minus the cluster's (the paper), and removal descends it. At one checkpoint the two give "
         "the same removal, and +G is far easier to match (cosine 0.9 vs 0.03-0.4 on digits)",
     )
+    metric: Literal["layerwise", "whitened"] = Field(
+        "layerwise",
+        description="How the synset's gradient is compared with the cluster's. layerwise: the paper's layer-wise "
+        "cosine plus magnitude_weight times the log-norm term; whitened: both whitened by the training loss's "
+        "curvature at the checkpoint, (F + λ)^-1/2 g (the curvature stage's EK-FAC factors, λ from perturb.damping), "
+        "and their relative squared distance minimised, the error the Newton removal's scores inherit (pairing "
+        "checkpoint only)",
+    )
     magnitude_weight: float = Field(
-        1.0, ge=0.0, description="Weight of the gradient-norm term next to the cosine term."
+        1.0, ge=0.0, description="metric layerwise: weight of the gradient-norm term next to the cosine term."
     )
     batchnorm: Literal["eval", "train"] = Field(
         "eval",
@@ -382,6 +390,11 @@ class Params(_Block):
             raise ValueError(
                 f"baselines.methods = {calibrated} needs ground_truth.enabled: true and "
                 "ground_truth.calibration_clusters > 0 (their removal step is calibrated like DDM's)"
+            )
+        if self.distill.metric == "whitened" and self.distill.pairing != "checkpoint":
+            raise ValueError(
+                f"distill.metric = 'whitened' needs distill.pairing = 'checkpoint' (got {self.distill.pairing!r}): the "
+                "curvature is fitted at the checkpoints the synset is matched at; use metric layerwise"
             )
         saved = -(-self.train.epochs // self.train.checkpoint_every) + 1
         if self.distill.checkpoints > saved:

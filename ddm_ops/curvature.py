@@ -166,6 +166,17 @@ def damping_value(factors: Factors, damping: float) -> float:
     return damping * float(torch.cat([f.lam.flatten() for f in factors]).mean())
 
 
+def _eigenbasis(f: LayerFactors, grads: Weights) -> tuple[torch.Tensor, torch.Size]:
+    """A layer's gradient (weight and bias as one (d_out, d_in) matrix, leading batch dims kept) in its EK-FAC
+    eigenbasis, Q_S^T G Q_A in float64; and the leading dims."""
+    w = grads[f.weight]
+    lead = w.shape[: w.dim() - len(f.shape)]
+    m = w.reshape(*lead, f.shape[0], -1).double()
+    if f.bias is not None:
+        m = torch.cat([m, grads[f.bias].double()[..., None]], -1)
+    return f.qs.T @ m @ f.qa, lead
+
+
 def precondition(factors: Factors, grads: Weights, damping: float) -> Weights:
     """(F + damping)^-1 g for the tracked layers' weights and biases; grads may carry leading batch dims.
 
@@ -173,18 +184,25 @@ def precondition(factors: Factors, grads: Weights, damping: float) -> Weights:
     """
     out: Weights = {}
     for f in factors:
+        v, _ = _eigenbasis(f, grads)
         w = grads[f.weight]
-        lead = w.shape[: w.dim() - len(f.shape)]
-        m = w.reshape(*lead, f.shape[0], -1).double()
-        if f.bias is not None:
-            m = torch.cat([m, grads[f.bias].double()[..., None]], -1)
-        v = (f.qs.T @ m @ f.qa) / (f.lam + damping)
-        m = (f.qs @ v @ f.qa.T).to(w.dtype)
+        m = (f.qs @ (v / (f.lam + damping)) @ f.qa.T).to(w.dtype)
         if f.bias is not None:
             out[f.bias] = m[..., -1]
             m = m[..., :-1]
         out[f.weight] = m.reshape(w.shape)
     return out
+
+
+def whiten(factors: Factors, grads: Weights, damping: float) -> torch.Tensor:
+    """(F + damping)^-1/2 g in the eigenbasis, the tracked layers flattened into one vector per leading index:
+    inner products of whitened gradients are those the Newton step's scores are made of, ⟨∇o, (F + damping)^-1 g⟩
+    = ⟨W∇o, Wg⟩, so a gradient error measured here bounds the error it causes in every score."""
+    parts = []
+    for f in factors:
+        v, lead = _eigenbasis(f, grads)
+        parts.append((v / (f.lam + damping).sqrt()).flatten(len(lead)))
+    return torch.cat(parts, -1)
 
 
 def to_state(factors: Factors) -> dict:

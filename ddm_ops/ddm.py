@@ -27,13 +27,14 @@ from ddm_ops.unlearn import newton_removal, outputs_of, unlearn
 
 log = logging.getLogger(__name__)
 WEIGHTS_PER_PASS = 50_000_000  # removals are batched so that their stacked weights stay below this many numbers
-PAPER = {"pairing": "mirrored", "ipc": 2, "iterations": 100}  # the paper's DDM as this project first ran it
+PAPER = {"pairing": "mirrored", "ipc": 2, "iterations": 100, "metric": "layerwise"}  # the paper's DDM, as first run
+Curvature = list[tuple[Factors, float]]  # (EK-FAC factors, absolute damping) at each checkpoint the removal uses
+Distiller = Callable[[Task, DistillParams, Curvature], dict]  # -> the stacked synset (see distill_synsets)
 
-Distiller = Callable[[Task, DistillParams], dict]  # -> the stacked synset (see distill_synsets)
 
-
-def distill_synsets(task: Task, params: DistillParams) -> dict:
-    """Every cluster's synset, distilled in this process one cluster after another.
+def distill_synsets(task: Task, params: DistillParams, curvature: Curvature) -> dict:
+    """Every cluster's synset, distilled in this process one cluster after another (metric whitened: against the
+    `curvature` at the matched checkpoints).
 
     Returns images (K, ipc, C, H, W), soft labels (K, ipc, classes), cluster_ids (K,), init_index (K, ipc) (the
     members matching started from) and the direction, as the distill stage's synset.pt."""
@@ -42,8 +43,9 @@ def distill_synsets(task: Task, params: DistillParams) -> dict:
     distance, parts, init = task.distances(), [], []
     for k in range(task.n_clusters):
         init.append(torch.from_numpy(nearest_members(task.clusters, distance, k, params.ipc)))
+        x0 = task.train[0][init[-1]]
         synset, _ = distill_cluster(
-            model, trajectory, task.members(k), task.train[0][init[-1]], task.num_classes, params, f"cluster {k}"
+            model, trajectory, task.members(k), x0, task.num_classes, params, f"cluster {k}", curvature
         )
         parts.append(synset)
         log.info("distilled cluster %d/%d", k + 1, task.n_clusters)
@@ -79,14 +81,8 @@ class DDM:
     def fit(self, task: Task) -> None:
         device = task.device
         self.model = model = functional_mode(task.network(), self.distill.batchnorm)
-        self.synset = synset = self.distiller(task, self.distill)
-        self.images, self.labels = synset["images"].to(device), synset["labels"].to(device)
-        self.sign = removal_sign(synset["direction"])
-        self.theta, self.buffers = split_state(model, task.final)
-        self.per_pass = max(1, WEIGHTS_PER_PASS // sum(v.numel() for v in self.theta.values()))
-        self.unit = task.batch_size / len(task.train[0])  # the influence-function step for checkpoint-paired synsets
-        self.points = []
-        if self.perturb.update == "ekfac":
+        curvature: Curvature = []
+        if self.perturb.update == "ekfac" or self.distill.metric == "whitened":
             if self.factors is None:
                 trajectory = Trajectory.from_checkpoints(model, task.checkpoints, task.batch_size).to(device)
                 index, factors = curvature_factors(
@@ -94,10 +90,20 @@ class DDM:
                 )
             else:
                 index, factors = self.factors
-            for i, layers in zip(index.tolist(), factors):
-                weights, buffers = split_state(model, {k: v.to(device) for k, v in task.checkpoints[i].state.items()})
+            for layers in factors:
                 layers = [f.to(device) for f in layers]
-                self.points.append((weights, buffers, layers, damping_value(layers, self.perturb.damping)))
+                curvature.append((layers, damping_value(layers, self.perturb.damping)))
+        self.synset = synset = self.distiller(task, self.distill, curvature)
+        self.images, self.labels = synset["images"].to(device), synset["labels"].to(device)
+        self.sign = removal_sign(synset["direction"])
+        self.theta, self.buffers = split_state(model, task.final)
+        self.per_pass = max(1, WEIGHTS_PER_PASS // sum(v.numel() for v in self.theta.values()))
+        self.unit = task.batch_size / len(task.train[0])  # the influence-function step for checkpoint-paired synsets
+        self.points = []
+        if self.perturb.update == "ekfac":
+            for i, (layers, damping) in zip(index.tolist(), curvature):
+                weights, buffers = split_state(model, {k: v.to(device) for k, v in task.checkpoints[i].state.items()})
+                self.points.append((weights, buffers, layers, damping))
         self.step = self.perturb.step_size
         if self.step == "auto":
             c = task.calibration

@@ -9,8 +9,9 @@ import torch
 from torch import nn
 
 from ddm_ops.config import DistillParams
+from ddm_ops.curvature import Factors, whiten
 from ddm_ops.functional import Weights, batched_grads
-from ddm_ops.matching import gradient_distance
+from ddm_ops.matching import gradient_distance, whitened_distance
 from ddm_ops.train import DivergenceError
 from ddm_ops.trajectory import Trajectory, checkpoint_gradients, cluster_gradients
 
@@ -66,16 +67,31 @@ def distill_cluster(
     num_classes: int,
     params: DistillParams,
     name: str = "cluster",
+    curvature: list[tuple[Factors, float]] | None = None,
 ) -> tuple[Synset, list[float]]:
     """Learn one cluster's synset; return it and the matching loss per iteration.
 
     `members` are the cluster's real (images, labels); `init_images` (ipc, C, H, W) the members nearest its
-    centroid. All members share one label. With `params.label_lr` 0 the labels stay one-hot.
+    centroid. All members share one label. With `params.label_lr` 0 the labels stay one-hot. With
+    `params.metric` whitened, `curvature` holds (EK-FAC factors, absolute damping) at each matched checkpoint.
     """
     x, y = members
     label = int(y[0])
     syn_idx, target = matching_targets(model, trajectory, x, y, params)
     p_syn, b_syn = trajectory.at(syn_idx)
+    if params.metric == "whitened":
+        if curvature is None or len(curvature) != len(syn_idx):
+            raise ValueError(
+                f"distill {name}: metric whitened needs the curvature at each of {len(syn_idx)} checkpoints"
+            )
+
+        def whitened(g: Weights) -> torch.Tensor:
+            return torch.stack([whiten(f, {k: v[t] for k, v in g.items()}, d) for t, (f, d) in enumerate(curvature)])
+
+        target_w = whitened(target)
+        distance = lambda g: whitened_distance(whitened(g), target_w)  # noqa: E731
+    else:
+        distance = lambda g: gradient_distance(g, target, params.magnitude_weight, batch_dims=1)  # noqa: E731
 
     images = init_images.clone().requires_grad_(True)
     logits = torch.zeros(len(images), num_classes, device=images.device)
@@ -91,7 +107,7 @@ def distill_cluster(
     for _ in range(params.iterations):
         soft = logits.softmax(-1) if learn_labels else hard
         g = batched_grads(model, p_syn, b_syn, images, soft)
-        loss = gradient_distance(g, target, params.magnitude_weight, batch_dims=1).mean()
+        loss = distance(g).mean()
         opt.zero_grad()
         loss.backward()
         opt.step()

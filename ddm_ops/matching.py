@@ -1,4 +1,5 @@
-"""Gradient distance for (reverse) gradient matching: layer-wise cosine distance plus a magnitude term."""
+"""Gradient distances for (reverse) gradient matching: layer-wise cosine distance plus a magnitude term (the
+paper's), or the relative squared distance of curvature-whitened gradients."""
 
 from __future__ import annotations
 
@@ -33,3 +34,8 @@ def gradient_distance(a: Weights, b: Weights, magnitude_weight: float = 1.0, bat
         na, nb = a[name].pow(2).sum(dims).sqrt(), b[name].pow(2).sum(dims).sqrt()
         total = total + magnitude_weight * ((na + EPS).log() - (nb + EPS).log()).pow(2)
     return total
+
+
+def whitened_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """|a - b|^2 / |b|^2 over the last dim of whitened gradients (curvature.whiten): 0 when equal, 1 for a = 0."""
+    return (a - b).pow(2).sum(-1) / (b.pow(2).sum(-1) + EPS)

@@ -107,5 +107,7 @@ def run(params: Params, paths: Paths, out: Path, fan_out: FanOut = in_process) -
 
 
 def distiller(params: Params, paths: Paths, work: Path, fan_out: FanOut) -> Distiller:
-    """A DDM variant's distiller through the pipeline's fan-out: the run's params with the variant's distill block."""
-    return lambda task, distill: distill_all(params.model_copy(update={"distill": distill}), paths, work, fan_out)[0]
+    """A DDM variant's distiller through the pipeline's fan-out: the run's params with the variant's distill block
+    (whose workers read the curvature stage's factors themselves)."""
+    variant = lambda distill: params.model_copy(update={"distill": distill})  # noqa: E731
+    return lambda task, distill, curvature: distill_all(variant(distill), paths, work, fan_out)[0]

@@ -1,4 +1,5 @@
-"""Stage curvature: EK-FAC factors of the training loss at the checkpoints where perturb removes clusters."""
+"""Stage curvature: EK-FAC factors of the training loss at the checkpoints where distill matches synsets and perturb
+removes clusters."""
 
 from __future__ import annotations
 
@@ -17,10 +18,11 @@ from stages.common import FanOut, dataset, in_process, new_model
 
 
 def run(params: Params, paths: Paths, out: Path, fan_out: FanOut = in_process) -> dict:
-    """factors.pt: {"checkpoints": indices, "factors": one to_state() per checkpoint}; empty for perturb.update sgd."""
+    """factors.pt: {"checkpoints": indices, "factors": one to_state() per checkpoint}; empty when neither the removal
+    (perturb.update sgd) nor the matching (distill.metric layerwise) uses the curvature."""
     state: dict = {"checkpoints": torch.zeros(0, dtype=torch.long), "factors": []}
     metrics: dict = {"n_checkpoints": 0}
-    if params.perturb.update == "ekfac":
+    if params.perturb.update == "ekfac" or params.distill.metric == "whitened":
         ds = dataset(params)
         device = resolve_device(params.base.device)
         model = functional_mode(new_model(params, ds).to(device), params.distill.batchnorm)

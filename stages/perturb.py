@@ -30,7 +30,7 @@ def run(params: Params, paths: Paths, out: Path, fan_out: FanOut = in_process) -
     factors = load_factors(paths)
     if params.perturb.update == "ekfac" and factors is None:
         raise ValueError(f"{paths.stage('curvature') / 'factors.pt'} holds no factors; rerun the curvature stage")
-    ddm = DDM(params.distill, params.perturb, distiller=lambda task, distill: synset, factors=factors)
+    ddm = DDM(params.distill, params.perturb, distiller=lambda task, distill, curvature: synset, factors=factors)
     start = time.perf_counter()
     ddm.fit(task)  # synsets and curvature handed over: the rest of the offline part (the step's calibration)
     metrics: dict = {"fit_seconds": time.perf_counter() - start}

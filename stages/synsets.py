@@ -14,6 +14,7 @@ import torch
 
 from ddm_ops.cluster import nearest_members
 from ddm_ops.config import Params
+from ddm_ops.curvature import damping_value, from_state
 from ddm_ops.devices import peak_memory, task_device
 from ddm_ops.distill import distill_cluster
 from ddm_ops.models import functional_mode
@@ -29,6 +30,24 @@ def _trajectory(params: Params, root: str, device: torch.device) -> Trajectory:
     return Trajectory.from_checkpoints(
         model, load_checkpoints(Paths(Path(root)).stage("train_target") / "checkpoints"), params.train.batch_size
     ).to(device)
+
+
+@lru_cache(maxsize=2)
+def _curvature(params: Params, root: str, device: torch.device) -> list[tuple]:
+    """The curvature stage's (factors, absolute damping) at each matched checkpoint, on `device`, loaded once per
+    worker process."""
+    path = Paths(Path(root)).stage("curvature") / "factors.pt"
+    state = load_tensors(path)
+    expected = _trajectory(params, root, device).last(params.distill.checkpoints)
+    if not torch.equal(state["checkpoints"], expected):
+        raise ValueError(
+            f"{path}: fitted at checkpoints {state['checkpoints'].tolist()}, not {expected.tolist()}; rerun curvature"
+        )
+    curvature = []
+    for factors in state["factors"]:
+        layers = [f.to(device) for f in from_state(factors)]
+        curvature.append((layers, damping_value(layers, params.perturb.damping)))
+    return curvature
 
 
 def distill_one(root: str, params: dict, cluster_id: int, work: str) -> dict:
@@ -53,6 +72,7 @@ def distill_one(root: str, params: dict, cluster_id: int, work: str) -> dict:
             ds.num_classes,
             p.distill,
             name=f"cluster {cluster_id}",
+            curvature=_curvature(p, root, device) if p.distill.metric == "whitened" else None,
         )
         folder.mkdir(parents=True, exist_ok=True)
         torch.save(

@@ -31,7 +31,12 @@ def _run(device: torch.device):
     members = np.flatnonzero(ids == 0)
     init = nearest_members(ids, dist, 0, 2)
     synset, losses = distill_cluster(
-        model.eval(), traj, (x[members], y[members]), x[init], 10, DistillParams(ipc=2, iterations=20)
+        model.eval(),
+        traj,
+        (x[members], y[members]),
+        x[init],
+        10,
+        DistillParams(ipc=2, iterations=20, metric="layerwise"),
     )
     assert synset.images.device.type == device.type
     theta, buffers = traj.final()

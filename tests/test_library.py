@@ -53,13 +53,14 @@ def correlation(example: dict, retrained: torch.Tensor, scores: np.ndarray) -> f
 
 
 def test_the_docs_example_attributes_like_retraining(example, retrained):
-    """Measured: Pearson 0.377 with the true margin drops (first-order 0.68, class indicator 0.61 on this MLP);
-    the removed models' mean Dist1 to the retrained ones 3.29 against θ_T's 3.39."""
+    """Measured (whitened matching, as the example): Pearson 0.810 with the true margin drops (layer-wise matching
+    0.377; first-order 0.68, EK-FAC 0.69, class indicator 0.61 on this MLP); the removed models' mean Dist1 to the
+    retrained ones 3.26 against θ_T's 3.39."""
     answer, scores, x = example["answer"], example["scores"], example["x_test"]
     assert scores.shape == (30, 597) and answer.logits.shape == (30, 597, 10)
     torch.testing.assert_close(answer.base, predict(example["model"], x), atol=1e-4, rtol=1e-4)
     assert answer.offline_seconds > 0 and answer.online_seconds > 0 and answer.step_size == 0.02
-    assert correlation(example, retrained, scores) > 0.3
+    assert correlation(example, retrained, scores) > 0.7
     dist1 = lambda a, b: float(torch.stack([distances(t, o[None])["dist1"].mean() for t, o in zip(a, b)]).mean())  # noqa: E731
     assert dist1(retrained, answer.logits) < 0.99 * dist1(retrained, answer.base.expand_as(retrained))
 
