@@ -43,7 +43,7 @@ def test_flow_runs_one_task_per_dvc_stage(prefect_server, tmp_path):
 
     folder = make_project(tmp_path / "proj", TINY)
     graph = stage_graph(folder)
-    assert graph["distill"] == ["cluster", "train_target"] and graph["train_target"] == []
+    assert graph["distill"] == ["cluster", "curvature", "train_target"] and graph["train_target"] == []
     assert set(graph) == set(STAGES)
     state = ddm_pipeline(str(folder), return_state=True)
     assert state.is_completed(), state.message
