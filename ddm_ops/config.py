@@ -166,22 +166,22 @@ class ClusterParams(_Block):
 
 class DistillParams(_Block):
     ipc: PositiveInt = Field(8, description="Synthetic images per cluster.")
-    iterations: PositiveInt = Field(200, description="Gradient-matching iterations (Adam steps) per cluster.")
+    iterations: PositiveInt = Field(100, description="Gradient-matching iterations (Adam steps) per cluster.")
     lr: PositiveFloat = Field(0.05, description="Adam learning rate of the synthetic images.")
     label_lr: float = Field(
         0.05, ge=0.0, description="Adam learning rate of the soft-label logits; 0 keeps hard labels."
     )
     pairing: Literal["checkpoint", "mirrored", "lifo"] = Field(
         "checkpoint",
-        description="checkpoint: the synset's gradient at each of the last `checkpoints` checkpoints is matched to "
+        description="checkpoint: the synset's gradient at each of the `checkpoints` checkpoints is matched to "
         "the cluster's gradient at that same checkpoint, where the removal uses it; mirrored (the paper's formula) "
         "and lifo: the synset walks the whole trajectory backwards from θ_T, paired with segment t (mirrored) or "
         "T-1-t (lifo)",
     )
-    checkpoints: PositiveInt = Field(
-        5,
+    checkpoints: PositiveInt | Literal["all"] = Field(
+        "all",
         description="pairing checkpoint, and perturb.update ekfac: the last this many trajectory checkpoints "
-        "(θ_T included) where synsets are matched and removals made",
+        "(θ_T included) where synsets are matched and removals made; all: every saved checkpoint, θ_0 to θ_T",
     )
     direction: Literal["forward", "reverse"] = Field(
         "forward",
@@ -190,7 +190,7 @@ class DistillParams(_Block):
         "the same removal, and +G is far easier to match (cosine 0.9 vs 0.03-0.4 on digits)",
     )
     metric: Literal["layerwise", "whitened"] = Field(
-        "layerwise",
+        "whitened",
         description="How the synset's gradient is compared with the cluster's. layerwise: the paper's layer-wise "
         "cosine plus magnitude_weight times the log-norm term; whitened: both whitened by the training loss's "
         "curvature at the checkpoint, (F + λ)^-1/2 g (the curvature stage's EK-FAC factors, λ from perturb.damping), "
@@ -397,7 +397,7 @@ class Params(_Block):
                 "curvature is fitted at the checkpoints the synset is matched at; use metric layerwise"
             )
         saved = -(-self.train.epochs // self.train.checkpoint_every) + 1
-        if self.distill.checkpoints > saved:
+        if self.distill.checkpoints != "all" and self.distill.checkpoints > saved:
             raise ValueError(
                 f"distill.checkpoints = {self.distill.checkpoints}: the trajectory has only {saved} checkpoints "
                 f"(train.epochs {self.train.epochs} / train.checkpoint_every {self.train.checkpoint_every}, plus θ_T)"

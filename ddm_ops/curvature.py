@@ -166,6 +166,24 @@ def damping_value(factors: Factors, damping: float) -> float:
     return damping * float(torch.cat([f.lam.flatten() for f in factors]).mean())
 
 
+Curvature = list[tuple[Factors, float]]  # (EK-FAC factors, absolute damping) at each checkpoint
+
+
+def uses_curvature(update: str, metric: str) -> bool:
+    """Whether the EK-FAC curvature is fitted: the Newton removal (perturb.update ekfac) or the whitened matching
+    (distill.metric whitened) needs it."""
+    return update == "ekfac" or metric == "whitened"
+
+
+def damped(factors: list[Factors], damping: float, device: torch.device) -> Curvature:
+    """Each checkpoint's factors on `device` with their absolute damping (damping_value of the relative `damping`)."""
+    out = []
+    for layers in factors:
+        layers = [f.to(device) for f in layers]
+        out.append((layers, damping_value(layers, damping)))
+    return out
+
+
 def _eigenbasis(f: LayerFactors, grads: Weights) -> tuple[torch.Tensor, torch.Size]:
     """A layer's gradient (weight and bias as one (d_out, d_in) matrix, leading batch dims kept) in its EK-FAC
     eigenbasis, Q_S^T G Q_A in float64; and the leading dims."""
@@ -222,8 +240,14 @@ def from_state(state: dict) -> Factors:
     ]
 
 
+def stored_factors(state: dict) -> tuple[torch.Tensor, list[Factors]] | None:
+    """The curvature stage's factors.pt ({"checkpoints", "factors": to_state() each}) as (checkpoint indices, the
+    factors at each); None when it holds none."""
+    return (state["checkpoints"], [from_state(f) for f in state["factors"]]) if state["factors"] else None
+
+
 def curvature_factors(
-    model: nn.Module, trajectory: Trajectory, x: torch.Tensor, checkpoints: int, seed: int
+    model: nn.Module, trajectory: Trajectory, x: torch.Tensor, checkpoints: int | str, seed: int
 ) -> tuple[torch.Tensor, list[Factors]]:
     """EK-FAC factors of the training loss (true Fisher over x) at the last `checkpoints` checkpoints: (their
     indices, the factors at each)."""

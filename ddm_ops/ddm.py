@@ -16,7 +16,7 @@ from ddm_ops.attributors import Attribution, Task, removed_model_scores
 from ddm_ops.calibration import NEWTON_STEP_GRID, STEP_GRID, calibrate_step
 from ddm_ops.cluster import nearest_members
 from ddm_ops.config import DistillParams, PerturbParams
-from ddm_ops.curvature import Factors, curvature_factors, damping_value
+from ddm_ops.curvature import Curvature, Factors, curvature_factors, damped, uses_curvature
 from ddm_ops.devices import synchronize
 from ddm_ops.distill import distill_cluster, removal_sign
 from ddm_ops.functional import split_state
@@ -28,7 +28,6 @@ from ddm_ops.unlearn import newton_removal, outputs_of, unlearn
 log = logging.getLogger(__name__)
 WEIGHTS_PER_PASS = 50_000_000  # removals are batched so that their stacked weights stay below this many numbers
 PAPER = {"pairing": "mirrored", "ipc": 2, "iterations": 100, "metric": "layerwise"}  # the paper's DDM, as first run
-Curvature = list[tuple[Factors, float]]  # (EK-FAC factors, absolute damping) at each checkpoint the removal uses
 Distiller = Callable[[Task, DistillParams, Curvature], dict]  # -> the stacked synset (see distill_synsets)
 
 
@@ -82,7 +81,7 @@ class DDM:
         device = task.device
         self.model = model = functional_mode(task.network(), self.distill.batchnorm)
         curvature: Curvature = []
-        if self.perturb.update == "ekfac" or self.distill.metric == "whitened":
+        if uses_curvature(self.perturb.update, self.distill.metric):
             if self.factors is None:
                 trajectory = Trajectory.from_checkpoints(model, task.checkpoints, task.batch_size).to(device)
                 index, factors = curvature_factors(
@@ -90,9 +89,7 @@ class DDM:
                 )
             else:
                 index, factors = self.factors
-            for layers in factors:
-                layers = [f.to(device) for f in layers]
-                curvature.append((layers, damping_value(layers, self.perturb.damping)))
+            curvature = damped(factors, self.perturb.damping, device)
         self.synset = synset = self.distiller(task, self.distill, curvature)
         self.images, self.labels = synset["images"].to(device), synset["labels"].to(device)
         self.sign = removal_sign(synset["direction"])

@@ -49,10 +49,10 @@ class Trajectory:
             mv(self.params), mv(self.buffers), self.lrs.to(device), self.epochs.to(device), self.batch_size
         )
 
-    def last(self, n: int) -> torch.Tensor:
-        """Indices of the last n checkpoints, θ_T included."""
+    def last(self, n: int | str) -> torch.Tensor:
+        """Indices of the last n checkpoints, θ_T included; n "all": every checkpoint."""
         count = len(self.lrs) + 1
-        return torch.arange(max(0, count - n), count)
+        return torch.arange(0 if n == "all" else max(0, count - n), count)
 
 
 @torch.no_grad()

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from ddm_ops.config import Params
-from ddm_ops.curvature import curvature_factors, to_state
+from ddm_ops.curvature import curvature_factors, to_state, uses_curvature
 from ddm_ops.devices import resolve_device
 from ddm_ops.models import functional_mode
 from ddm_ops.trajectory import Trajectory
@@ -22,7 +22,7 @@ def run(params: Params, paths: Paths, out: Path, fan_out: FanOut = in_process) -
     (perturb.update sgd) nor the matching (distill.metric layerwise) uses the curvature."""
     state: dict = {"checkpoints": torch.zeros(0, dtype=torch.long), "factors": []}
     metrics: dict = {"n_checkpoints": 0}
-    if params.perturb.update == "ekfac" or params.distill.metric == "whitened":
+    if uses_curvature(params.perturb.update, params.distill.metric):
         ds = dataset(params)
         device = resolve_device(params.base.device)
         model = functional_mode(new_model(params, ds).to(device), params.distill.batchnorm)

@@ -3,6 +3,7 @@ its logits: what the ground truth and the removal curve are made of."""
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import importlib.util
 import json
@@ -24,7 +25,27 @@ from stages.common import dataset, new_model
 CACHE = Path(".ddm_cache") / "retrain"  # under the project, or under $DDM_CACHE_DIR (shared between projects)
 
 
-LIBRARY = Path(ddm_ops.__file__).parent  # every module of it enters the key
+LIBRARY = Path(ddm_ops.__file__).parent
+TRAINING = ("data", "models", "train")  # the ddm_ops modules a retraining runs; they and their imports enter the key
+
+
+def _training_modules() -> list[Path]:
+    """The files of TRAINING and every ddm_ops module they import, directly or not (read from their source), so
+    that a change to the method (distillation, curvature, attribution) keeps the cached retrainings."""
+    seen, todo = set(), list(TRAINING)
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        for node in ast.walk(ast.parse((LIBRARY / f"{name}.py").read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module == "ddm_ops":
+                todo += [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("ddm_ops."):
+                todo.append(node.module.split(".")[1])
+            elif isinstance(node, ast.Import):
+                todo += [a.name.split(".")[1] for a in node.names if a.name.startswith("ddm_ops.")]
+    return [LIBRARY / f"{name}.py" for name in sorted(seen)]
 
 
 def _user_modules(params: Params) -> list[Path]:
@@ -41,7 +62,8 @@ def _user_modules(params: Params) -> list[Path]:
 def cache_key(params: Params, seed: int, keep: np.ndarray, device: torch.device) -> str:
     """The name of a retraining in the cache: everything that changes its logits. The data, model and training
     params, the seed, which training samples are kept, the torch version, the device (and the GPU's name), the
-    torch threads of a task, and the bytes of every ddm_ops module and of the user's own data / model modules."""
+    torch threads of a task, and the bytes of the ddm_ops modules training runs and of the user's own data / model
+    modules."""
     h = hashlib.sha256()
     h.update(
         json.dumps(
@@ -58,7 +80,7 @@ def cache_key(params: Params, seed: int, keep: np.ndarray, device: torch.device)
         ).encode()
     )
     h.update(np.packbits(keep).tobytes())
-    for path in sorted(LIBRARY.glob("*.py")) + _user_modules(params):
+    for path in _training_modules() + _user_modules(params):
         h.update(path.name.encode())
         h.update(path.read_bytes())
     return h.hexdigest()[:24]

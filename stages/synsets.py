@@ -14,7 +14,7 @@ import torch
 
 from ddm_ops.cluster import nearest_members
 from ddm_ops.config import Params
-from ddm_ops.curvature import damping_value, from_state
+from ddm_ops.curvature import Curvature, damped, stored_factors
 from ddm_ops.devices import peak_memory, task_device
 from ddm_ops.distill import distill_cluster
 from ddm_ops.models import functional_mode
@@ -33,21 +33,15 @@ def _trajectory(params: Params, root: str, device: torch.device) -> Trajectory:
 
 
 @lru_cache(maxsize=2)
-def _curvature(params: Params, root: str, device: torch.device) -> list[tuple]:
+def _curvature(params: Params, root: str, device: torch.device) -> Curvature:
     """The curvature stage's (factors, absolute damping) at each matched checkpoint, on `device`, loaded once per
     worker process."""
     path = Paths(Path(root)).stage("curvature") / "factors.pt"
-    state = load_tensors(path)
+    index, factors = stored_factors(load_tensors(path)) or (torch.zeros(0, dtype=torch.long), [])
     expected = _trajectory(params, root, device).last(params.distill.checkpoints)
-    if not torch.equal(state["checkpoints"], expected):
-        raise ValueError(
-            f"{path}: fitted at checkpoints {state['checkpoints'].tolist()}, not {expected.tolist()}; rerun curvature"
-        )
-    curvature = []
-    for factors in state["factors"]:
-        layers = [f.to(device) for f in from_state(factors)]
-        curvature.append((layers, damping_value(layers, params.perturb.damping)))
-    return curvature
+    if not torch.equal(index, expected):
+        raise ValueError(f"{path}: fitted at checkpoints {index.tolist()}, not {expected.tolist()}; rerun curvature")
+    return damped(factors, params.perturb.damping, device)
 
 
 def distill_one(root: str, params: dict, cluster_id: int, work: str) -> dict:

@@ -7,7 +7,7 @@ import torch
 
 from ddm_ops.attributors import Calibration, Task
 from ddm_ops.config import Params
-from ddm_ops.curvature import Factors, from_state
+from ddm_ops.curvature import Factors, stored_factors
 from ddm_ops.devices import resolve_device
 from stages.artifacts import Paths, load_checkpoints, load_tensors, read_parquet
 from stages.common import dataset, new_model
@@ -40,5 +40,4 @@ def run_task(params: Params, paths: Paths, calibrate: bool) -> Task:
 
 def load_factors(paths: Paths) -> tuple[torch.Tensor, list[Factors]] | None:
     """The curvature stage's (checkpoint indices, EK-FAC factors at each), or None when it fitted none (update sgd)."""
-    state = load_tensors(paths.stage("curvature") / "factors.pt")
-    return (state["checkpoints"], [from_state(f) for f in state["factors"]]) if state["factors"] else None
+    return stored_factors(load_tensors(paths.stage("curvature") / "factors.pt"))

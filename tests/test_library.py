@@ -53,9 +53,9 @@ def correlation(example: dict, retrained: torch.Tensor, scores: np.ndarray) -> f
 
 
 def test_the_docs_example_attributes_like_retraining(example, retrained):
-    """Measured (whitened matching, as the example): Pearson 0.810 with the true margin drops (layer-wise matching
-    0.377; first-order 0.68, EK-FAC 0.69, class indicator 0.61 on this MLP); the removed models' mean Dist1 to the
-    retrained ones 3.26 against θ_T's 3.39."""
+    """Measured (the defaults: whitened matching at every checkpoint; 50 iterations): Pearson 0.807 with the true
+    margin drops (layer-wise matching 0.377; first-order 0.68, EK-FAC 0.69, class indicator 0.61 on this MLP); the
+    removed models' mean Dist1 to the retrained ones 3.24 against θ_T's 3.39."""
     answer, scores, x = example["answer"], example["scores"], example["x_test"]
     assert scores.shape == (30, 597) and answer.logits.shape == (30, 597, 10)
     torch.testing.assert_close(answer.base, predict(example["model"], x), atol=1e-4, rtol=1e-4)
