@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from sklearn.metrics import roc_auc_score, roc_curve
+from scipy.stats import rankdata
+from sklearn.metrics import roc_curve
 
 SSIM_C1, SSIM_C2 = 0.01**2, 0.03**2  # SSIM's constants for a data range of 1
 
@@ -104,19 +105,25 @@ def likelihood_ratio(target: np.ndarray, references: np.ndarray) -> np.ndarray:
     return (target - references.mean(0)) / references.std(0, ddof=1).mean()
 
 
+def auc(scores: np.ndarray, member: np.ndarray) -> np.ndarray:
+    """ROC AUC of each row of scores (..., n) against the boolean member (..., n), ties counted half (equal to
+    scikit-learn's roc_auc_score), from ranks: vectorised over rows, for the bootstrap's thousand resamples."""
+    ranks = rankdata(scores, axis=-1)
+    n_pos = member.sum(-1)
+    n_neg = member.shape[-1] - n_pos
+    return ((ranks * member).sum(-1) - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+
+
 def attack_quality(scores: np.ndarray, member: np.ndarray, seed: int, resamples: int = 1000) -> dict[str, float]:
     """AUC of scores (higher = called a member) with a 95% bootstrap interval, and the true-positive rate at 1%
     false positives (the low-error regime a real attack needs)."""
     fpr, tpr, _ = roc_curve(member, scores)
     rng = np.random.default_rng(seed)
     pos, neg = np.flatnonzero(member), np.flatnonzero(~member)
-    boot = []
-    for _ in range(resamples):
-        idx = np.concatenate([rng.choice(pos, len(pos)), rng.choice(neg, len(neg))])
-        boot.append(roc_auc_score(member[idx], scores[idx]))
-    low, high = np.quantile(boot, [0.025, 0.975])
+    idx = np.stack([np.concatenate([rng.choice(pos, len(pos)), rng.choice(neg, len(neg))]) for _ in range(resamples)])
+    low, high = np.quantile(auc(scores[idx], member[idx]), [0.025, 0.975])
     return {
-        "auc": float(roc_auc_score(member, scores)),
+        "auc": float(auc(scores, member)),
         "auc_low": float(low),
         "auc_high": float(high),
         "tpr_at_1pct_fpr": float(tpr[fpr <= 0.01].max()),

@@ -41,13 +41,22 @@ TINY = {
 }
 
 
-@pytest.fixture(scope="session")
-def prefect_server(tmp_path_factory):
-    """One temporary Prefect server for the whole session (starting one costs ~10 s)."""
+@pytest.fixture(scope="session", autouse=True)
+def prefect_server():
+    """One temporary Prefect server for the whole session, for this process and, through PREFECT_API_URL, for every
+    stage a test runs with dvc: each would otherwise start its own (~15 s, measured). test_interrupt takes the
+    variable away: it checks Ctrl-C with the stage's own temporary server, the user's default."""
+    from prefect.settings import PREFECT_API_URL
     from prefect.testing.utilities import prefect_test_harness
 
     with prefect_test_harness(server_startup_timeout=120):
+        before = os.environ.get("PREFECT_API_URL")
+        os.environ["PREFECT_API_URL"] = PREFECT_API_URL.value()
         yield
+        if before is None:
+            del os.environ["PREFECT_API_URL"]
+        else:
+            os.environ["PREFECT_API_URL"] = before
 
 
 def make_project(folder: Path, params: dict) -> Path:

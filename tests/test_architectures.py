@@ -34,7 +34,7 @@ ARCHITECTURES = {
 
 
 @pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
-def test_every_architecture_runs_the_stages(prefect_server, tmp_path, arch):
+def test_every_architecture_runs_the_stages(tmp_path, arch):
     # ResNet18's EK-FAC (eigendecompositions of 4609 x 4609 input covariances) takes minutes on a CPU: its synsets
     # are matched by the layer-wise distance and it is removed by the paper's SGD steps here; every other
     # architecture runs the curvature stage, the whitened matching and the Newton removal
@@ -79,7 +79,7 @@ def test_architectures_reject_images_they_cannot_take():
         parse_params({"model": {"name": "vit", "width": 16, "heads": 3}})
 
 
-def test_a_users_own_model_by_dotted_path(prefect_server, tmp_path, monkeypatch):
+def test_a_users_own_model_by_dotted_path(tmp_path, monkeypatch):
     (tmp_path / "mymodels.py").write_text(
         "from torch import nn\n"
         "class Tiny(nn.Module):\n"

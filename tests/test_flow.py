@@ -38,7 +38,7 @@ async def _log_lines(flow_run_id):
     return [log.message for log in logs]
 
 
-def test_flow_runs_one_task_per_dvc_stage(prefect_server, tmp_path):
+def test_flow_runs_one_task_per_dvc_stage(tmp_path):
     from pipeline.flow import ddm_pipeline, stage_graph
 
     folder = make_project(tmp_path / "proj", TINY)
@@ -62,7 +62,7 @@ def test_flow_runs_one_task_per_dvc_stage(prefect_server, tmp_path):
     assert "Running stage 'distill':" in lines and not any("git add dvc.lock" in line for line in lines)
 
 
-def test_bad_params_fail_the_flow_before_any_stage(prefect_server, tmp_path):
+def test_bad_params_fail_the_flow_before_any_stage(tmp_path):
     from ddm_ops.config import ParamsError
     from pipeline.flow import ddm_pipeline
 
@@ -72,7 +72,7 @@ def test_bad_params_fail_the_flow_before_any_stage(prefect_server, tmp_path):
     assert not (folder / "outputs").exists()
 
 
-def test_serve_registers_a_cron_deployment(prefect_server, tmp_path):
+def test_serve_registers_a_cron_deployment(tmp_path):
     from prefect import get_client
 
     from pipeline.flow import deployment
@@ -88,7 +88,7 @@ def test_serve_registers_a_cron_deployment(prefect_server, tmp_path):
     assert [s.schedule.cron for s in d.schedules] == ["0 3 * * *"]
 
 
-def test_deploy_registers_the_flow_with_a_work_pool(prefect_server, tmp_path):
+def test_deploy_registers_the_flow_with_a_work_pool(tmp_path):
     from conftest import ROOT
     from prefect import get_client
     from prefect.client.schemas.actions import WorkPoolCreate

@@ -73,7 +73,7 @@ def test_ground_truth_tables(project):
     assert (full["logit"].to_numpy() == target["logit"].to_numpy()).all()
 
 
-def test_ground_truth_on_the_thread_runner_equals_the_serial_one(project, prefect_server, tmp_path, monkeypatch):
+def test_ground_truth_on_the_thread_runner_equals_the_serial_one(project, tmp_path, monkeypatch):
     """The default runner retrains two models at once in two threads: its retrain.parquet is the serial one's, bit
     for bit (the project's ground truth ran on the serial runner), and nothing came from a cache."""
     from ddm_ops.config import load_params

@@ -72,7 +72,7 @@ async def _artifacts(key):
         )
 
 
-def test_a_task_that_fails_once_is_retried(prefect_server, tmp_path):
+def test_a_task_that_fails_once_is_retried(tmp_path):
     items = [{"marker": str(tmp_path), "cluster_id": c} for c in range(3)]
     out = fan_out(flaky, items, "cluster_id", "flaky", ExecutionParams(runner="thread", retries=1))
     assert out == [0, 10, 20] and sorted(p.name for p in tmp_path.iterdir()) == ["0", "1", "2"]
