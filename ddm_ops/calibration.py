@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 import numpy as np
 import torch
 
 from ddm_ops.attribution import distances
+
+log = logging.getLogger(__name__)
 
 STEP_GRID = tuple(float(s) for s in np.geomspace(1e-5, 1e-1, 25))  # SGD learning rates
 NEWTON_STEP_GRID = tuple(float(s) for s in np.geomspace(1e-3, 10, 25))  # multiples of the influence-function step
@@ -25,7 +28,25 @@ def calibrate_step(
 
     remove(step) returns the removed models' test logits (n, M, C) for the n calibration clusters;
     truth (n, M, C) holds the logits of the models retrained without them. Returns the step and the curve.
+    A step at the grid's smallest end is logged as a warning: no removal came closer to the retrained models than
+    (almost) doing nothing, so the removed models are no counterfactuals to trust, though the ranking of clusters
+    may still be; at the largest end, larger steps were not tried.
     """
     curve = [{"step_size": s, "dist1": float(dist1_to(truth, remove(s)).mean())} for s in grid]
     best = min(curve, key=lambda row: row["dist1"] if np.isfinite(row["dist1"]) else np.inf)  # overflowed: worst
+    if len(grid) > 1 and best["step_size"] in (grid[0], grid[-1]):
+        smallest = best["step_size"] == grid[0]
+        log.warning(
+            "calibrated step %.3g is the %s of the grid %.3g to %.3g (Dist1 to the retrained calibration clusters "
+            "%.3f there, %.3f at the other end): %s",
+            best["step_size"],
+            "smallest" if smallest else "largest",
+            grid[0],
+            grid[-1],
+            best["dist1"],
+            curve[-1 if smallest else 0]["dist1"],
+            "no removal came closer to the retrained models than (almost) doing nothing"
+            if smallest
+            else "larger steps were not tried",
+        )
     return best["step_size"], curve

@@ -14,7 +14,7 @@ from stages.synsets import distill_all
 MATCHING_COLUMNS = {
     "cluster_id": "cluster",
     "iteration": "optimisation step of the synset",
-    "loss": "mean over matched checkpoint pairs of the layer-wise gradient distance",
+    "loss": "mean over the matched checkpoints of the gradient distance (distill.metric)",
 }
 
 

@@ -151,6 +151,24 @@ def test_divergence_names_the_step():
         _train(lr=1e30)
 
 
+def test_calibration_picks_the_closest_step_and_warns_at_the_grid_edge(caplog):
+    """The removed logits move from θ_T's toward the truth and overshoot past step 1: step 1 is chosen, silently;
+    when every removal moves away from the truth the smallest step wins, with a warning that says so."""
+    from ddm_ops.calibration import calibrate_step
+
+    start = torch.zeros(2, 5, 3)
+    truth = torch.tensor([2.0, -1.0, 0.0]).expand(2, 5, 3)
+    grid = (0.25, 0.5, 1.0, 2.0, 4.0)
+    with caplog.at_level("WARNING", logger="ddm_ops.calibration"):
+        step, curve = calibrate_step(lambda s: start + s * truth, truth, grid)
+    assert step == 1.0 and [row["step_size"] for row in curve] == list(grid) and not caplog.records
+    assert curve[2]["dist1"] == pytest.approx(0.0, abs=1e-6) and curve[0]["dist1"] > curve[1]["dist1"] > 0
+    with caplog.at_level("WARNING", logger="ddm_ops.calibration"):
+        step, _ = calibrate_step(lambda s: start - s * truth, truth, grid)
+    assert step == 0.25
+    assert "is the smallest of the grid 0.25 to 4" in caplog.text and "doing nothing" in caplog.text
+
+
 def test_group_lds_known_answers():
     from ddm_ops.metrics import group_lds
 

@@ -84,6 +84,26 @@ def test_readme_block_follows_the_results(tmp_path):
     assert "| `ddm` | 0.123 |" in docs.expected(tmp_path)[tmp_path / "README.md"]
 
 
+def test_headline_says_who_wins_from_the_numbers():
+    """The generality line ranks DDM among the methods of the other quality configs; the mislabelled-data line's
+    verdict follows the detection AUCs."""
+    results = docs.load_results(ROOT)
+    report = results["quality"]["digits_k20"]["report"]
+    report["ddm.lds_margin_aligned"] = 0.99
+    detection = results["data_quality"]["detection"]
+    own = docs.own_ddm(detection)
+    detection[own]["auc"] = 0.999
+    text = "\n".join(docs.headline(results["peers"], results["quality"], results["data_quality"]))
+    assert "- **digits, K = 20** (`digits_k20`, the strongest peers): DDM's 0.990 is ahead of 7 of the 7" in text
+    assert "**peers win**: none." in text.split("K = 20")[1].splitlines()[0]
+    assert f"**Finding mislabelled data, DDM wins**: detection AUC of DDM (`{own}`) 0.999" in text
+    report["ddm.lds_margin_aligned"] = 0.2  # above gradient ascent only
+    detection[own]["auc"] = 0.5
+    text = "\n".join(docs.headline(results["peers"], results["quality"], results["data_quality"]))
+    assert "DDM's 0.200 is ahead of 1 of the 7 other methods; **peers win**: `ekfac_ensemble`" in text
+    assert "**Finding mislabelled data, peers win**" in text
+
+
 def test_params_page_is_rendered_from_the_models():
     assert (ROOT / "docs" / "params.md").read_text() == docs.render_params()
 
