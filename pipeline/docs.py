@@ -555,6 +555,15 @@ def render_reproduce(result: dict) -> list[str]:
     return [REPRODUCE_INTRO, "", *table(["config", "commit", "numbers compared", "identical", "differing"], rows)]
 
 
+def standing_line(label: str, rows: list[dict]) -> str:
+    """A headline bullet: DDM's group-LDS among the method `rows`, the best method behind it, those ahead."""
+    ddm, ahead, behind = standing(rows)
+    return (
+        f"- {label}: DDM's {score(ddm['group-LDS'])} is ahead of {len(behind)} of the {len(ahead) + len(behind)} "
+        f"other methods (the best of them {named(behind[:1])}); **peers win**: {named(ahead)}."
+    )
+
+
 def headline(peers: dict, quality: dict, data_quality: dict) -> list[str]:
     """The README's results: group-LDS of the main methods on both peer configs, and where DDM wins and loses."""
     configs = [c for c in HEADLINE_CONFIGS if c in peers]
@@ -562,21 +571,11 @@ def headline(peers: dict, quality: dict, data_quality: dict) -> list[str]:
     rows = [[f"`{m}`", *(score(by_method[c].get(m, {}).get("group-LDS")) for c in configs)] for m in HEADLINE_METHODS]
     rows.append(["noise ceiling", *(score(peers[c]["reference"].get("ceiling_lds_margin")) for c in configs)])
     lines = [*table(["group-LDS (higher is better)", *(HEADLINE_CONFIGS[c] for c in configs)], rows), ""]
-    for c in configs:
-        ddm, ahead, behind = standing(peers[c]["methods"])
-        lines.append(
-            f"- **{HEADLINE_CONFIGS[c]}**: DDM's {score(ddm['group-LDS'])} is ahead of {len(behind)} of the "
-            f"{len(ahead) + len(behind)} other methods (the best of them {named(behind[:1])}); **peers win**: "
-            f"{named(ahead)}."
-        )
+    lines += [standing_line(f"**{HEADLINE_CONFIGS[c]}**", peers[c]["methods"]) for c in configs]
     for c in [c for c in GENERALITY_CONFIGS if c in quality and ddm_key(quality[c]["report"]) == "ddm"]:
         report = quality[c]["report"]
         rows = [{"method": m, "group-LDS": report.get(f"{m}.lds_margin_aligned")} for m in methods_of(report)]
-        ddm, ahead, behind = standing(rows)
-        lines.append(
-            f"- **{GENERALITY_CONFIGS[c]}** (`{c}`, the strongest peers): DDM's {score(ddm['group-LDS'])} is ahead "
-            f"of {len(behind)} of the {len(ahead) + len(behind)} other methods; **peers win**: {named(ahead)}."
-        )
+        lines.append(standing_line(f"**{GENERALITY_CONFIGS[c]}** (`{c}`, the strongest peers)", rows))
     k50 = quality["digits_k50"]["report"]
     detection = data_quality["detection"]
     own = own_ddm(detection)
