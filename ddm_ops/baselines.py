@@ -149,8 +149,12 @@ class GradientAscent:
         self.members = [task.members(k) for k in range(task.n_clusters)]
         self.num_classes = task.num_classes
         c = task.calibration
-        calibration = [self.members[k] for k in c.clusters]
-        self.step, _ = calibrate_step(lambda s: self._outputs(calibration, s, c.x), c.logits.to(task.device))
+        calibration, truth = [self.members[k] for k in c.clusters], c.logits.to(task.device)
+        self.step, _ = calibrate_step(lambda s: self._outputs(calibration, s, c.x), truth, self._base(c.x))
+
+    def _base(self, x: torch.Tensor) -> torch.Tensor:
+        """Test logits of θ_T (M, C): doing nothing."""
+        return outputs_of(self.model, {k: v[None] for k, v in self.theta.items()}, self.buffers, x)[0]
 
     def _outputs(self, members: list, step: float, x: torch.Tensor) -> torch.Tensor:
         model, theta, buffers = self.model, self.theta, self.buffers
@@ -160,6 +164,6 @@ class GradientAscent:
         start = time.perf_counter()
         logits = self._outputs(self.members, self.step, x)
         online = time.perf_counter() - start
-        base = outputs_of(self.model, {k: v[None] for k, v in self.theta.items()}, self.buffers, x)[0]
+        base = self._base(x)
         matrices = removed_model_scores(base, logits, y, objectives, f"gradient ascent, step_size {self.step}")
         return Attribution(matrices, logits.cpu(), base.cpu(), online_seconds=online, step_size=self.step)

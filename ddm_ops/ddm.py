@@ -110,7 +110,7 @@ class DDM:
             log.info("calibrating the step on %d clusters' retrainings over %d sizes", len(c.clusters), len(grid))
             anchors = self._anchors(c.x)
             self.step, self.curve = calibrate_step(
-                lambda s: self._remove(c.clusters, s, c.x, anchors)[0], c.logits.to(device), grid
+                lambda s: self._remove(c.clusters, s, c.x, anchors)[0], c.logits.to(device), anchors[0][0], grid
             )
 
     def _anchors(self, x: torch.Tensor) -> list[torch.Tensor]:

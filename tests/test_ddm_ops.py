@@ -160,13 +160,30 @@ def test_calibration_picks_the_closest_step_and_warns_at_the_grid_edge(caplog):
     truth = torch.tensor([2.0, -1.0, 0.0]).expand(2, 5, 3)
     grid = (0.25, 0.5, 1.0, 2.0, 4.0)
     with caplog.at_level("WARNING", logger="ddm_ops.calibration"):
-        step, curve = calibrate_step(lambda s: start + s * truth, truth, grid)
+        step, curve = calibrate_step(lambda s: start + s * truth, truth, start[0], grid)
     assert step == 1.0 and [row["step_size"] for row in curve] == list(grid) and not caplog.records
     assert curve[2]["dist1"] == pytest.approx(0.0, abs=1e-6) and curve[0]["dist1"] > curve[1]["dist1"] > 0
+    assert curve[0]["relative"] > curve[1]["relative"] > curve[2]["relative"] == pytest.approx(0.0, abs=1e-6)
     with caplog.at_level("WARNING", logger="ddm_ops.calibration"):
-        step, _ = calibrate_step(lambda s: start - s * truth, truth, grid)
+        step, _ = calibrate_step(lambda s: start - s * truth, truth, start[0], grid)
     assert step == 0.25
     assert "is the smallest of the grid 0.25 to 4" in caplog.text and "doing nothing" in caplog.text
+
+
+def test_calibration_weighs_each_cluster_by_its_own_do_nothing_distance():
+    """Cluster 0's removal reaches its retraining at step 1; cluster 1's (far from θ_T: do-nothing Dist1 77 against
+    30) drifts sideways. Raw Dist1 summed over clusters prefers the smallest step, where cluster 1 has drifted least;
+    relative to doing nothing, step 1 brings cluster 0 to its retraining (0x) while cluster 1 loses 1.5x: it wins."""
+    from ddm_ops.calibration import calibrate_step, dist1_to
+
+    base = torch.zeros(5, 3)
+    truth = torch.stack([torch.tensor([1.0, 0.0, 0.0]).expand(5, 3), torch.tensor([0.0, 0.0, 4.0]).expand(5, 3)])
+    sideways = torch.tensor([0.0, 2.0, 0.0]).expand(5, 3)
+    grid = (0.25, 0.5, 1.0, 2.0, 4.0)
+    step, curve = calibrate_step(lambda s: torch.stack([s * truth[0], s * sideways]), truth, base, grid)
+    assert dist1_to(truth, base.expand_as(truth)).tolist() == pytest.approx([29.73, 77.32], abs=0.01)
+    assert step == 1.0 and curve[2]["relative"] == pytest.approx(0.747, abs=1e-3)
+    assert min(curve, key=lambda row: row["dist1"])["step_size"] == 0.25  # what the raw mean would have chosen
 
 
 def test_group_lds_known_answers():
