@@ -1,8 +1,8 @@
 """Stage perturb: remove every cluster by its synset (a curvature-preconditioned step at the last checkpoints, or the
 paper's n_u SGD steps from θ_T); record each θ_{-κ}'s test logits.
 
-With `perturb.step_size: auto` the step size is first fitted on the ground truth's calibration clusters
-(the step whose removed models are closest to the retrained ones) and written to calibration.parquet.
+With `perturb.step_size: auto` the step size is first fitted on the ground truth's calibration clusters (the step
+whose removed models are closest to the retrained ones, relative to doing nothing) and written to calibration.parquet.
 """
 
 from __future__ import annotations
@@ -49,8 +49,13 @@ def run(params: Params, paths: Paths, out: Path, fan_out: FanOut = in_process) -
         write_parquet(
             pd.DataFrame(ddm.curve),
             out / "calibration.parquet",
-            "Mean Dist1 to the retrained calibration clusters for each candidate removal step size.",
-            {"step_size": "removal step size", "dist1": "mean Dist1 of the removed to the retrained models"},
+            "Dist1 of the removed to the retrained calibration clusters for each candidate removal step size; the "
+            "step with the lowest relative Dist1 is chosen.",
+            {
+                "step_size": "removal step size",
+                "relative": "mean over the clusters of Dist1 of the removed to the retrained model / do-nothing Dist1",
+                "dist1": "mean Dist1 of the removed to the retrained models",
+            },
         )
         metrics["calibrated_step_size"] = removal.step_size
     logits = torch.cat([removal.base[None], removal.logits]).numpy()  # (1 + K, M, C)
