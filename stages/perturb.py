@@ -2,7 +2,8 @@
 paper's n_u SGD steps from θ_T); record each θ_{-κ}'s test logits.
 
 With `perturb.step_size: auto` the step size is first fitted on the ground truth's calibration clusters (the step
-whose removed models are closest to the retrained ones, relative to doing nothing) and written to calibration.parquet.
+whose removed models are closest to the retrained ones, relative to doing nothing); calibration.parquet
+holds each candidate step's distances (no rows with a fixed step).
 """
 
 from __future__ import annotations
@@ -45,18 +46,19 @@ def run(params: Params, paths: Paths, out: Path, fan_out: FanOut = in_process) -
         removal_seconds=removal.details["removal_seconds"],
         online_seconds=removal.online_seconds,
     )
+    columns = {
+        "step_size": "removal step size",
+        "relative": "mean over the clusters of Dist1 of the removed to the retrained model / do-nothing Dist1",
+        "dist1": "mean Dist1 of the removed to the retrained models",
+    }
+    write_parquet(
+        pd.DataFrame(ddm.curve or [], columns=list(columns), dtype=float),
+        out / "calibration.parquet",
+        "Dist1 of the removed to the retrained calibration clusters for each candidate removal step size; the step "
+        "with the lowest relative Dist1 is chosen (no rows when perturb.step_size is fixed).",
+        columns,
+    )
     if ddm.curve is not None:
-        write_parquet(
-            pd.DataFrame(ddm.curve),
-            out / "calibration.parquet",
-            "Dist1 of the removed to the retrained calibration clusters for each candidate removal step size; the "
-            "step with the lowest relative Dist1 is chosen.",
-            {
-                "step_size": "removal step size",
-                "relative": "mean over the clusters of Dist1 of the removed to the retrained model / do-nothing Dist1",
-                "dist1": "mean Dist1 of the removed to the retrained models",
-            },
-        )
         metrics["calibrated_step_size"] = removal.step_size
     logits = torch.cat([removal.base[None], removal.logits]).numpy()  # (1 + K, M, C)
     ids = np.concatenate([[BASE], synset["cluster_ids"].numpy()])
