@@ -180,8 +180,9 @@ class DistillParams(_Block):
     )
     checkpoints: PositiveInt | Literal["all"] = Field(
         "all",
-        description="pairing checkpoint, and perturb.update ekfac: the last this many trajectory checkpoints "
-        "(θ_T included) where synsets are matched and removals made; all: every saved checkpoint, θ_0 to θ_T",
+        description="pairing checkpoint, and perturb.update ekfac: this many trajectory checkpoints, spread evenly "
+        "from θ_0 to θ_T (both included; 1: θ_T alone), where synsets are matched and removals made; all, or more "
+        "than are saved: every saved checkpoint",
     )
     direction: Literal["forward", "reverse"] = Field(
         "forward",
@@ -242,7 +243,7 @@ class GroundTruthParams(_Block):
 class PerturbParams(_Block):
     update: Literal["ekfac", "sgd"] = Field(
         "ekfac",
-        description="ekfac: at each of the last distill.checkpoints checkpoints θ_t, one Newton step "
+        description="ekfac: at each of the distill.checkpoints checkpoints θ_t, one Newton step "
         "θ_t - s·H_t^-1·∇L(θ_t; synset) with H_t the EK-FAC curvature of the training loss (stage curvature), "
         "the removed model's output change averaged over the checkpoints; sgd: the paper's n_u plain SGD steps "
         "on the synset from θ_T",
@@ -395,12 +396,6 @@ class Params(_Block):
             raise ValueError(
                 f"distill.metric = 'whitened' needs distill.pairing = 'checkpoint' (got {self.distill.pairing!r}): the "
                 "curvature is fitted at the checkpoints the synset is matched at; use metric layerwise"
-            )
-        saved = -(-self.train.epochs // self.train.checkpoint_every) + 1
-        if self.distill.checkpoints != "all" and self.distill.checkpoints > saved:
-            raise ValueError(
-                f"distill.checkpoints = {self.distill.checkpoints}: the trajectory has only {saved} checkpoints "
-                f"(train.epochs {self.train.epochs} / train.checkpoint_every {self.train.checkpoint_every}, plus θ_T)"
             )
         if self.data_quality.enabled and "loss" not in self.attribute.objectives:
             raise ValueError(

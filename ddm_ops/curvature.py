@@ -249,9 +249,9 @@ def stored_factors(state: dict) -> tuple[torch.Tensor, list[Factors]] | None:
 def curvature_factors(
     model: nn.Module, trajectory: Trajectory, x: torch.Tensor, checkpoints: int | str, seed: int
 ) -> tuple[torch.Tensor, list[Factors]]:
-    """EK-FAC factors of the training loss (true Fisher over x) at the last `checkpoints` checkpoints: (their
-    indices, the factors at each)."""
-    index = trajectory.last(checkpoints)
+    """EK-FAC factors of the training loss (true Fisher over x) at `checkpoints` checkpoints spread over the
+    trajectory (Trajectory.spread): (their indices, the factors at each)."""
+    index = trajectory.spread(checkpoints)
     factors = []
     for i in index.tolist():
         theta, buffers = trajectory.at(i)

@@ -33,16 +33,16 @@ def matching_targets(
 ) -> tuple[torch.Tensor, Weights]:
     """(checkpoint indices where the synset's gradient is taken, the real-gradient targets stacked alike).
 
-    checkpoint: the last `params.checkpoints` checkpoints θ_t, each paired with the cluster's gradient at the same
-    θ_t (checkpoint_gradients), where the removal will use the synset. reverse, mirrored / lifo: the synset walks
-    the trajectory backwards from θ_T, step r at θ_{T-r}; `mirrored` pairs it with segment r (the formula
-    Σ_t ||∇L(θ_{τ-t}; S) + ∇L(θ_t; D)||), `lifo` with segment T-1-r (the latest update is undone first);
-    forward (classic gradient matching), the synset at θ_t matched to segment t. The reverse target is minus the
-    real gradient, the forward target the real gradient.
+    checkpoint: the `params.checkpoints` checkpoints θ_t spread over the trajectory (Trajectory.spread), each
+    paired with the cluster's gradient at the same θ_t (checkpoint_gradients), where the removal will use the
+    synset. reverse, mirrored / lifo: the synset walks the trajectory backwards from θ_T, step r at θ_{T-r};
+    `mirrored` pairs it with segment r (the formula Σ_t ||∇L(θ_{τ-t}; S) + ∇L(θ_t; D)||), `lifo` with segment
+    T-1-r (the latest update is undone first); forward (classic gradient matching), the synset at θ_t matched to
+    segment t. The reverse target is minus the real gradient, the forward target the real gradient.
     """
     sign = 1.0 if params.direction == "forward" else -1.0
     if params.pairing == "checkpoint":
-        index = trajectory.last(params.checkpoints)
+        index = trajectory.spread(params.checkpoints)
         real = checkpoint_gradients(model, trajectory, index, x, y)
         return index, {k: sign * g for k, g in real.items()}
     real = cluster_gradients(model, trajectory, x, y)

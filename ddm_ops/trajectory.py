@@ -49,10 +49,13 @@ class Trajectory:
             mv(self.params), mv(self.buffers), self.lrs.to(device), self.epochs.to(device), self.batch_size
         )
 
-    def last(self, n: int | str) -> torch.Tensor:
-        """Indices of the last n checkpoints, θ_T included; n "all": every checkpoint."""
+    def spread(self, n: int | str) -> torch.Tensor:
+        """Indices of n checkpoints spread evenly over the trajectory, θ_0 and θ_T included (n 1: θ_T alone); n "all",
+        or at least the number saved: every checkpoint."""
         count = len(self.lrs) + 1
-        return torch.arange(0 if n == "all" else max(0, count - n), count)
+        if n == "all" or n >= count:
+            return torch.arange(count)
+        return torch.linspace(count - 1, 0, n).round().long().flip(0)
 
 
 @torch.no_grad()

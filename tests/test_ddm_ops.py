@@ -95,14 +95,23 @@ def test_matching_targets():
         ("mirrored", "reverse"): ([2, 1], -segments[k][[0, 1]]),
         ("lifo", "reverse"): ([2, 1], -segments[k][[1, 0]]),
         ("mirrored", "forward"): ([0, 1], segments[k]),
-        ("checkpoint", "reverse"): ([1, 2], -at[k][[1, 2]]),
-        ("checkpoint", "forward"): ([1, 2], at[k][[1, 2]]),
+        ("checkpoint", "reverse"): ([0, 2], -at[k][[0, 2]]),  # 2 checkpoints spread: θ_0 and θ_T
+        ("checkpoint", "forward"): ([0, 2], at[k][[0, 2]]),
     }
     for (pairing, direction), (index, target) in cases.items():
         params = DistillParams(pairing=pairing, direction=direction, checkpoints=2)
         got_index, got = matching_targets(model, traj, x, y, params)
         assert got_index.tolist() == index, (pairing, direction)
         torch.testing.assert_close(got[k], target)
+
+
+def test_checkpoints_are_spread_over_the_trajectory():
+    model, ckpts = _train(epochs=15)  # θ_0 … θ_15: 16 checkpoints
+    traj = Trajectory.from_checkpoints(model, ckpts, 16)
+    assert traj.spread(8).tolist() == [0, 2, 4, 6, 9, 11, 13, 15]
+    assert traj.spread(4).tolist() == [0, 5, 10, 15]
+    assert traj.spread(1).tolist() == [15]
+    assert traj.spread(16).tolist() == traj.spread(40).tolist() == traj.spread("all").tolist() == list(range(16))
 
 
 def _data(n=64):

@@ -144,6 +144,8 @@ def test_cache_key_changes_with_everything_that_changes_a_retraining(tmp_path, m
     (library / "objectives.py").write_text((library / "objectives.py").read_text().removesuffix("\n# changed\n"))
     (library / "distill.py").write_text((library / "distill.py").read_text() + "\n# changed\n")
     assert key() == base  # the method's code does not change a retraining
+    (library / "config.py").write_text((library / "config.py").read_text() + "\n# changed\n")
+    assert key() == base  # nor do the params' definitions: their values are in the key
     (user / "mynet.py").write_text("from ddm_ops.models import MLP as Net  # changed\n")
     changed["user module code"] = key(p=mine)
     assert base not in changed.values() and len(set(changed.values())) == len(changed), changed
