@@ -248,6 +248,13 @@ class PerturbParams(_Block):
         "the removed model's output change averaged over the checkpoints; sgd: the paper's n_u plain SGD steps "
         "on the synset from θ_T",
     )
+    combine: Literal["outputs", "steps"] = Field(
+        "outputs",
+        description="update ekfac: outputs averages the output changes of one removed model per checkpoint (a "
+        "forward pass per checkpoint and cluster); steps removes once, from θ_T, by the mean of the checkpoints' "
+        "Newton steps (one forward pass per cluster: about as many times less online work as there are "
+        "checkpoints, at a measured loss of quality, docs/method.md)",
+    )
     n_u: PositiveInt = Field(3, description="update sgd: SGD steps on the synset that remove one cluster.")
     step_size: PositiveFloat | Literal["auto"] = Field(
         0.02,

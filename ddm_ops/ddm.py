@@ -1,7 +1,8 @@
 """DDM as an attributor. Offline: every cluster distilled into its synset, the training loss's EK-FAC curvature at
 the checkpoints the removal uses, the step size (given, or fitted on calibration clusters). Online: each cluster
-removed by its synset (a Newton step at those checkpoints, or the paper's n_u SGD steps from θ_T), with every
-removed model's test logits; the scores are the drops of the objectives."""
+removed by its synset (a Newton step at those checkpoints, their output changes averaged, or θ_T moved by their mean
+step; or the paper's n_u SGD steps from θ_T), with every removed model's test logits; the scores are the drops of
+the objectives."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from ddm_ops.functional import split_state
 from ddm_ops.models import functional_mode
 from ddm_ops.objectives import OBJECTIVES
 from ddm_ops.trajectory import Trajectory
-from ddm_ops.unlearn import newton_removal, outputs_of, unlearn
+from ddm_ops.unlearn import newton_direction, newton_removal, outputs_of, stepped, unlearn
 
 log = logging.getLogger(__name__)
 WEIGHTS_PER_PASS = 50_000_000  # removals are batched so that their stacked weights stay below this many numbers
@@ -114,9 +115,10 @@ class DDM:
             )
 
     def _anchors(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """Test logits of θ_T, then of each checkpoint the Newton removal starts from: they do not depend on the
-        removed cluster or the step, so each is computed once per use."""
-        weights = [(self.theta, self.buffers)] + [(w, b) for w, b, _, _ in self.points]
+        """Test logits of θ_T, then of each checkpoint the Newton removal starts from (combine outputs): they do not
+        depend on the removed cluster or the step, so each is computed once per use."""
+        starts = self.points if self.perturb.combine == "outputs" else []
+        weights = [(self.theta, self.buffers)] + [(w, b) for w, b, _, _ in starts]
         return [outputs_of(self.model, {k: v[None] for k, v in w.items()}, b, x) for w, b in weights]
 
     def _pass(self, part: np.ndarray, step: float, x: torch.Tensor, anchors: list) -> tuple[torch.Tensor, float]:
@@ -125,6 +127,15 @@ class DDM:
         start = time.perf_counter()
         if self.perturb.update == "sgd":
             removed = unlearn(model, self.theta, self.buffers, images, labels, self.perturb.n_u, step, self.sign)
+            synchronize(device)
+            seconds = time.perf_counter() - start
+            return outputs_of(model, removed, self.buffers, x), seconds
+        if self.perturb.combine == "steps":
+            total: dict = {}  # a running sum: the checkpoints' directions are not all held at once
+            for weights, buffers, factors, damping in self.points:
+                d = newton_direction(model, weights, buffers, factors, images, labels, damping)
+                total = {k: total.get(k, 0.0) + v for k, v in d.items()}
+            removed = stepped(self.theta, total, step * self.unit / len(self.points), self.sign)
             synchronize(device)
             seconds = time.perf_counter() - start
             return outputs_of(model, removed, self.buffers, x), seconds

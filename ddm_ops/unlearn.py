@@ -37,6 +37,33 @@ def unlearn(
     return p
 
 
+def newton_direction(
+    model: nn.Module,
+    params: Weights,
+    buffers: Weights,
+    factors: Factors,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    damping: float,
+) -> Weights:
+    """(F + damping)^-1 ∇L(θ; S) at the checkpoint (params, buffers) for each of R groups, stacked (R, ...), with F
+    the EK-FAC curvature `factors` of the training loss there; only the layers the factors cover. images
+    (R, n, C, H, W) and soft labels (R, n, classes) hold one synset (or union of synsets) per removal."""
+    r = len(images)
+    p = {k: v.expand(r, *v.shape) for k, v in params.items()}
+    b = {k: v.expand(r, *v.shape) for k, v in buffers.items()}
+    with torch.no_grad():
+        return precondition(factors, batched_grads(model, p, b, images, labels, data_batched=True), damping)
+
+
+def stepped(params: Weights, direction: Weights, step_size: float, sign: float = 1.0) -> Weights:
+    """The R models θ - sign * step_size * direction (direction stacked (R, ...); parameters it lacks stay)."""
+    r = len(next(iter(direction.values())))
+    return {
+        k: v - sign * step_size * direction[k] if k in direction else v.expand(r, *v.shape) for k, v in params.items()
+    }
+
+
 def newton_removal(
     model: nn.Module,
     params: Weights,
@@ -48,19 +75,10 @@ def newton_removal(
     damping: float,
     sign: float = 1.0,
 ) -> Weights:
-    """Remove each of R groups from the checkpoint (params, buffers) by one preconditioned step.
-
-    θ <- θ - sign * step_size * (F + damping)^-1 ∇L(θ; S) with F the EK-FAC curvature `factors` of the training loss
-    at this checkpoint; only the layers the factors cover move. images (R, n, C, H, W) and soft labels
-    (R, n, classes) hold one synset (or union of synsets) per removal. Returns the R removed models stacked.
-    """
-    r = len(images)
-    p = {k: v.expand(r, *v.shape) for k, v in params.items()}
-    b = {k: v.expand(r, *v.shape) for k, v in buffers.items()}
-    with torch.no_grad():
-        g = batched_grads(model, p, b, images, labels, data_batched=True)
-        step = precondition(factors, g, damping)
-        return {k: p[k] - sign * step_size * step[k] if k in step else p[k] for k in p}
+    """Remove each of R groups from the checkpoint (params, buffers) by one preconditioned step
+    θ <- θ - sign * step_size * newton_direction. Returns the R removed models stacked."""
+    direction = newton_direction(model, params, buffers, factors, images, labels, damping)
+    return stepped(params, direction, step_size, sign)
 
 
 @torch.no_grad()
