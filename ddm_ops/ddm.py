@@ -24,7 +24,7 @@ from ddm_ops.functional import split_state
 from ddm_ops.models import functional_mode
 from ddm_ops.objectives import OBJECTIVES
 from ddm_ops.trajectory import Trajectory
-from ddm_ops.unlearn import newton_direction, newton_removal, outputs_of, stepped, unlearn
+from ddm_ops.unlearn import newton_direction, outputs_of, stepped, unlearn
 
 log = logging.getLogger(__name__)
 WEIGHTS_PER_PASS = 50_000_000  # removals are batched so that their stacked weights stay below this many numbers
@@ -142,9 +142,8 @@ class DDM:
         change, seconds = 0.0, 0.0
         for (weights, buffers, factors, damping), at in zip(self.points, anchors[1:]):
             start = time.perf_counter()
-            removed = newton_removal(
-                model, weights, buffers, factors, images, labels, step * self.unit, damping, self.sign
-            )
+            direction = newton_direction(model, weights, buffers, factors, images, labels, damping)
+            removed = stepped(weights, direction, step * self.unit, self.sign)
             synchronize(device)
             seconds += time.perf_counter() - start
             change = change + outputs_of(model, removed, buffers, x) - at

@@ -57,28 +57,12 @@ def newton_direction(
 
 
 def stepped(params: Weights, direction: Weights, step_size: float, sign: float = 1.0) -> Weights:
-    """The R models θ - sign * step_size * direction (direction stacked (R, ...); parameters it lacks stay)."""
+    """The R models θ - sign * step_size * direction (direction stacked (R, ...); parameters it lacks stay): with a
+    newton_direction, the Newton removal of each group from the checkpoint θ."""
     r = len(next(iter(direction.values())))
     return {
         k: v - sign * step_size * direction[k] if k in direction else v.expand(r, *v.shape) for k, v in params.items()
     }
-
-
-def newton_removal(
-    model: nn.Module,
-    params: Weights,
-    buffers: Weights,
-    factors: Factors,
-    images: torch.Tensor,
-    labels: torch.Tensor,
-    step_size: float,
-    damping: float,
-    sign: float = 1.0,
-) -> Weights:
-    """Remove each of R groups from the checkpoint (params, buffers) by one preconditioned step
-    θ <- θ - sign * step_size * newton_direction. Returns the R removed models stacked."""
-    direction = newton_direction(model, params, buffers, factors, images, labels, damping)
-    return stepped(params, direction, step_size, sign)
 
 
 @torch.no_grad()

@@ -19,7 +19,7 @@ from ddm_ops.functional import batched_logits, split_state, stack
 from ddm_ops.models import build_model
 from ddm_ops.train import train
 from ddm_ops.trajectory import Trajectory
-from ddm_ops.unlearn import newton_removal, unlearn
+from ddm_ops.unlearn import newton_direction, stepped, unlearn
 
 MODEL = ModelParams(width=16, depth=2)
 TRAIN = TrainParams(epochs=15, batch_size=32, lr=0.05, checkpoint_every=1)
@@ -118,7 +118,7 @@ def _best_newton(tiny, factors, damping, images, labels) -> float:
         _dist1_of(
             ds,
             model,
-            newton_removal(model, params, buffers, factors, images, labels, s * unit, damping, sign=-1.0),
+            stepped(params, newton_direction(model, params, buffers, factors, images, labels, damping), s * unit, -1.0),
             buffers,
             retrained,
         )
