@@ -245,8 +245,7 @@ class PerturbParams(_Block):
         "ekfac",
         description="ekfac: at each of the distill.checkpoints checkpoints θ_t, one Newton step "
         "θ_t - s·H_t^-1·∇L(θ_t; synset) with H_t the EK-FAC curvature of the training loss (stage curvature), "
-        "the removed model's output change averaged over the checkpoints; sgd: the paper's n_u plain SGD steps "
-        "on the synset from θ_T",
+        "combined as perturb.combine says; sgd: the paper's n_u plain SGD steps on the synset from θ_T",
     )
     combine: Literal["outputs", "steps"] = Field(
         "outputs",

@@ -212,7 +212,8 @@ def quality_costs(report: dict) -> str:
         f"Do-nothing Dist1 {score(report['reference.fidelity_do_nothing'])}, seed-noise floor "
         f"{score(report['reference.fidelity_seed_noise'])}; calibrated step {report['step_size']:.2g}; test accuracy "
         f"{score(report['test_accuracy'])}; one removal {report['seconds_per_removal'] * 1000:.1f} ms against one "
-        f"retraining {amount(report['seconds_per_retraining'])} s ({report['speedup_vs_retraining']:.0f}×); "
+        f"training of the target {amount(report['train_seconds'])} s ({report['speedup_per_removal']:.0f}×) and the "
+        f"mean ground-truth retraining {amount(report['seconds_per_retraining'])} s; "
         f"distillation {amount(report['distill_seconds'])} s = {amount(report['distill_overhead'])} target trainings."
     )
 
@@ -558,9 +559,11 @@ def render_reproduce(result: dict) -> list[str]:
 def standing_line(label: str, rows: list[dict]) -> str:
     """A headline bullet: DDM's group-LDS among the method `rows`, the best method behind it, those ahead."""
     ddm, ahead, behind = standing(rows)
+    level = [r for r in behind if score(r["group-LDS"]) == score(ddm["group-LDS"])]
+    tie = "; level at the shown precision: " + ", ".join(f"`{r['method']}`" for r in level) if level else ""
     return (
         f"- {label}: DDM's {score(ddm['group-LDS'])} is ahead of {len(behind)} of the {len(ahead) + len(behind)} "
-        f"other methods (the best of them {named(behind[:1])}); **peers win**: {named(ahead)}."
+        f"other methods (the best of them {named(behind[:1])}{tie}); **peers win**: {named(ahead)}."
     )
 
 
@@ -583,7 +586,7 @@ def headline(peers: dict, quality: dict, data_quality: dict) -> list[str]:
     verdict = "DDM wins" if detection[own]["auc"] > detection[second]["auc"] else "peers win"
     lines += [
         f"- **Speed**: one removal takes {k50['seconds_per_removal'] * 1000:.1f} ms against "
-        f"{amount(k50['seconds_per_retraining'])} s for one retraining ({k50['speedup_vs_retraining']:.0f}×); the "
+        f"{amount(k50['train_seconds'])} s for one training of the target ({k50['speedup_per_removal']:.0f}×); the "
         f"offline distillation costs {amount(k50['distill_overhead'])} target trainings (digits, K = 50).",
         f"- **Finding mislabelled data, {verdict}**: detection AUC of DDM (`{own}`) {score(detection[own]['auc'])}, "
         f"the best of the others `{second}` {score(detection[second]['auc'])}.",

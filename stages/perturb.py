@@ -1,4 +1,4 @@
-"""Stage perturb: remove every cluster by its synset (a curvature-preconditioned step at the last checkpoints, or the
+"""Stage perturb: remove every cluster by its synset (a curvature-preconditioned step at the distill.checkpoints, or the
 paper's n_u SGD steps from θ_T); record each θ_{-κ}'s test logits.
 
 With `perturb.step_size: auto` the step size is first fitted on the ground truth's calibration clusters (the step

@@ -114,14 +114,9 @@ def _best_newton(tiny, factors, damping, images, labels) -> float:
     ds, model, traj, _, _, retrained = tiny
     params, buffers = traj.final()
     unit = TRAIN.batch_size / len(ds.x_train)  # the influence-function step of checkpoint-paired synsets
+    direction = newton_direction(model, params, buffers, factors, images, labels, damping)  # the same for every step
     return min(
-        _dist1_of(
-            ds,
-            model,
-            stepped(params, newton_direction(model, params, buffers, factors, images, labels, damping), s * unit, -1.0),
-            buffers,
-            retrained,
-        )
+        _dist1_of(ds, model, stepped(params, direction, s * unit, -1.0), buffers, retrained)
         for s in NEWTON_STEP_GRID[:19]
     )
 
