@@ -5,7 +5,7 @@ benchmarks/.work/<config>/ with `dvc repro`; retrainings are shared between conf
 (DDM_CACHE_DIR=benchmarks/.cache), so configs that differ only in distillation retrain nothing new.
 Writes benchmarks/results/quality.json: per config, the overrides, every quality metric, speed and timings.
 
-    python benchmarks/quality.py                     # all configs (~30 minutes on 2 cores)
+    python benchmarks/quality.py                     # all configs (hours on 2 cores: a Fashion-MNIST one ~1.5 h)
     python benchmarks/quality.py digits_k20          # one config
 """
 
