@@ -124,30 +124,28 @@ class DDM:
     def _pass(self, part: np.ndarray, step: float, x: torch.Tensor, anchors: list) -> tuple[torch.Tensor, float]:
         """Test logits of the removed models of one pass, and the seconds their weight updates took."""
         model, images, labels, device = self.model, self.images[part], self.labels[part], self.images.device
-        start = time.perf_counter()
+        if self.perturb.update == "ekfac" and self.perturb.combine == "outputs":
+            change, seconds = 0.0, 0.0
+            for (weights, buffers, factors, damping), at in zip(self.points, anchors[1:]):
+                start = time.perf_counter()
+                direction = newton_direction(model, weights, buffers, factors, images, labels, damping)
+                removed = stepped(weights, direction, step * self.unit, self.sign)
+                synchronize(device)
+                seconds += time.perf_counter() - start
+                change = change + outputs_of(model, removed, buffers, x) - at
+            return anchors[0] + change / len(self.points), seconds
+        start = time.perf_counter()  # one removed model per group, from θ_T
         if self.perturb.update == "sgd":
             removed = unlearn(model, self.theta, self.buffers, images, labels, self.perturb.n_u, step, self.sign)
-            synchronize(device)
-            seconds = time.perf_counter() - start
-            return outputs_of(model, removed, self.buffers, x), seconds
-        if self.perturb.combine == "steps":
+        else:  # combine steps
             total: dict = {}  # a running sum: the checkpoints' directions are not all held at once
             for weights, buffers, factors, damping in self.points:
                 d = newton_direction(model, weights, buffers, factors, images, labels, damping)
                 total = {k: total.get(k, 0.0) + v for k, v in d.items()}
             removed = stepped(self.theta, total, step * self.unit / len(self.points), self.sign)
-            synchronize(device)
-            seconds = time.perf_counter() - start
-            return outputs_of(model, removed, self.buffers, x), seconds
-        change, seconds = 0.0, 0.0
-        for (weights, buffers, factors, damping), at in zip(self.points, anchors[1:]):
-            start = time.perf_counter()
-            direction = newton_direction(model, weights, buffers, factors, images, labels, damping)
-            removed = stepped(weights, direction, step * self.unit, self.sign)
-            synchronize(device)
-            seconds += time.perf_counter() - start
-            change = change + outputs_of(model, removed, buffers, x) - at
-        return anchors[0] + change / len(self.points), seconds
+        synchronize(device)
+        seconds = time.perf_counter() - start
+        return outputs_of(model, removed, self.buffers, x), seconds
 
     def _remove(self, rows: np.ndarray, step: float, x: torch.Tensor, anchors: list) -> tuple[torch.Tensor, float]:
         """Test logits of the models with each row's synset removed, and the seconds the removal steps took."""
