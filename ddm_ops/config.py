@@ -166,10 +166,16 @@ class ClusterParams(_Block):
 
 class DistillParams(_Block):
     ipc: PositiveInt = Field(8, description="Synthetic images per cluster.")
-    iterations: PositiveInt = Field(100, description="Gradient-matching iterations (Adam steps) per cluster.")
+    iterations: PositiveInt = Field(20, description="Gradient-matching iterations (Adam steps) per cluster.")
     lr: PositiveFloat = Field(0.05, description="Adam learning rate of the synthetic images.")
+    labels: Literal["solved", "learned"] = Field(
+        "solved",
+        description="solved: the soft labels minimising the whitened matching loss, in closed form (the synset's "
+        "gradient is linear in them; least squares in ipc·classes unknowns), on the initial images and again on "
+        "the final ones (metric whitened); learned: softmax logits learned by Adam with the images (label_lr)",
+    )
     label_lr: float = Field(
-        0.05, ge=0.0, description="Adam learning rate of the soft-label logits; 0 keeps hard labels."
+        0.05, ge=0.0, description="labels learned: Adam learning rate of the soft-label logits; 0 keeps hard labels."
     )
     pairing: Literal["checkpoint", "mirrored", "lifo"] = Field(
         "checkpoint",
@@ -206,6 +212,15 @@ class DistillParams(_Block):
         description="BatchNorm during matching and removal: eval uses each checkpoint's running statistics, "
         "train the statistics of the batch (the cluster's members, the synset's images)",
     )
+
+    @model_validator(mode="after")
+    def _solved_labels_need_whitened(self) -> DistillParams:
+        if self.labels == "solved" and self.metric != "whitened":
+            raise ValueError(
+                f"distill.labels = 'solved' needs distill.metric = 'whitened' (got {self.metric!r}): the labels solve "
+                "the whitened matching loss; use labels learned"
+            )
+        return self
 
 
 class ExecutionParams(_Block):

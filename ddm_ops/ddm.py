@@ -28,7 +28,8 @@ from ddm_ops.unlearn import newton_direction, outputs_of, stepped, unlearn
 
 log = logging.getLogger(__name__)
 WEIGHTS_PER_PASS = 50_000_000  # removals are batched so that their stacked weights stay below this many numbers
-PAPER = {"pairing": "mirrored", "ipc": 2, "iterations": 100, "metric": "layerwise"}  # the paper's DDM, as first run
+# the paper's DDM, as first run
+PAPER = {"pairing": "mirrored", "ipc": 2, "iterations": 100, "metric": "layerwise", "labels": "learned"}
 Distiller = Callable[[Task, DistillParams, Curvature], dict]  # -> the stacked synset (see distill_synsets)
 
 
