@@ -40,7 +40,7 @@ def test_every_architecture_runs_the_stages(tmp_path, arch):
     # architecture runs the curvature stage, the whitened matching and the Newton removal
     no_curvature = {
         "perturb": {"update": "sgd", "step_size": 0.001},
-        "distill": {**SMALL["distill"], "metric": "layerwise", "labels": "learned"},
+        "distill": {**SMALL["distill"], "metric": "layerwise"},
     }
     write_params(tmp_path, {**SMALL, "model": ARCHITECTURES[arch], **(no_curvature if arch == "resnet18" else {})})
     for stage in STAGES:

@@ -24,7 +24,10 @@ from pipeline.stage import check_params_against_data
         ({"train": {"momentum": 0.9}}, ["train.momentum = 0.9", "allowed: 0", "plain SGD"]),
         ({"train": {"weight_decay": 5e-4}}, ["train.weight_decay = 0.0005", "allowed: 0"]),
         ({"distill": {"checkpoints": "every"}}, ["distill.checkpoints", "'every'", "'all'"]),
-        ({"distill": {"metric": "layerwise"}}, ["distill.labels = 'solved'", "'layerwise'", "labels learned"]),
+        (
+            {"distill": {"metric": "layerwise", "labels": "solved"}},
+            ["distill.labels = 'solved'", "'layerwise'", "labels learned"],
+        ),
     ],
 )
 def test_bad_params_name_key_value_and_allowed(raw, expected):

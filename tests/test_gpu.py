@@ -36,7 +36,7 @@ def _run(device: torch.device):
         (x[members], y[members]),
         x[init],
         10,
-        DistillParams(ipc=2, iterations=20, metric="layerwise", labels="learned"),
+        DistillParams(ipc=2, iterations=20, metric="layerwise"),
     )
     assert synset.images.device.type == device.type
     theta, buffers = traj.final()

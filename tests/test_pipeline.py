@@ -66,10 +66,7 @@ def test_repro_writes_every_artifact_with_its_schema(project):
     assert sorted(outputs["cluster_id"].unique()) == [-1, *range(20)]
     synset = torch.load(out / "distill/synset.pt", weights_only=True)
     assert synset["images"].shape == (20, 1, 1, 8, 8) and synset["labels"].shape == (20, 1, 10)
-    # solved labels: free weights, mostly on the cluster's class (sums measured 0.10-0.29 here)
-    label = torch.from_numpy(assign.groupby("cluster_id")["label"].first().to_numpy())
-    assert (synset["labels"].argmax(-1) == label[synset["cluster_ids"], None]).all()
-    assert ((synset["labels"].sum(-1) > 0) & (synset["labels"].sum(-1) < 1)).all()
+    assert torch.allclose(synset["labels"].sum(-1), torch.ones(20, 1))
     assert len(list((out / "train_target/checkpoints").glob("ckpt_*.pt"))) == 5
     for stage in STAGES:
         assert json.loads((out / stage / "metrics.json").read_text())["stage_seconds"] > 0
@@ -166,8 +163,8 @@ def test_every_pipeline_run_is_an_mlflow_run_with_nested_stage_runs(project):
         losses = client.get_metric_history(run_id, key)
         assert [m.step for m in losses] == [0, 1, 2, 3] and [m.value for m in losses] == pytest.approx(history["loss"])
     matching = client.get_metric_history(distill.info.run_id, "loss_median")
-    assert [m.step for m in matching] == list(range(6))  # distill.iterations, then the final label solve
-    assert len(client.get_metric_history(first.info.run_id, "distill/loss_median")) == 6
+    assert [m.step for m in matching] == list(range(5))  # distill.iterations
+    assert len(client.get_metric_history(first.info.run_id, "distill/loss_median")) == 5
     seconds = {r.data.tags["stage"]: r.data.metrics["stage_seconds"] for r in children}
     spans = {r.data.tags["stage"]: (r.info.end_time - r.info.start_time) / 1000 for r in children}
     assert spans == pytest.approx(seconds, abs=0.002)  # each stage's run lasts its stage's seconds
