@@ -366,6 +366,27 @@ def render_peers(peers: dict) -> list[str]:
     return lines
 
 
+MAGNITUDES_INTRO = """## Directions or magnitudes
+
+`python benchmarks/magnitudes.py [config ...]` (→ `benchmarks/results/magnitudes.json`; reuses quality.py's
+projects) scores every method again with each cluster's scores over the test samples rescaled: to unit norm (the
+directions alone, every cluster equally strong), and to the norm of the cluster's true leave-one-out effect (an
+oracle for the magnitudes). *norms Spearman* ranks the method's per-cluster norms against the true ones. Margin,
+aligned truth."""
+
+MAGNITUDE_SCALINGS = ("own", "unit", "true norms")
+MAGNITUDE_COLUMNS = [f"{metric}, {s}" for metric in ("group-LDS", "LOGO within class") for s in MAGNITUDE_SCALINGS]
+
+
+def render_magnitudes(result: dict) -> list[str]:
+    lines = [MAGNITUDES_INTRO]
+    for name, rows in result.items():
+        order = ranked([{"method": m, **r} for m, r in rows.items()], "group-LDS, own")
+        body = [[f"`{r['method']}`", *(score(r[c]) for c in [*MAGNITUDE_COLUMNS, "norms Spearman"])] for r in order]
+        lines += ["", f"### {name}", "", *table(["method", *MAGNITUDE_COLUMNS, "norms Spearman"], body)]
+    return lines
+
+
 def targets(result: dict) -> list[str]:
     """A benchmark's targets as a list, each met or missed."""
     return [f"- `{name}`: {'met' if met else '**missed**'}" for name, met in result["targets"].items()]
@@ -612,6 +633,7 @@ def render_results(results: dict[str, dict]) -> str:
     sections: list[tuple[str, Callable[[dict], list[str]]]] = [
         ("quality", render_quality),
         ("peers", render_peers),
+        ("magnitudes", render_magnitudes),
         ("data_quality", render_data_quality),
         ("privacy", render_privacy),
         ("speed", render_speed),

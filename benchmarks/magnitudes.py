@@ -1,0 +1,80 @@
+"""Where the cluster rankings lose: directions or magnitudes. Every method's group-LDS and LOGO within class (margin,
+aligned truth) with its own scores, with each cluster's scores over the test samples rescaled to unit norm (the
+directions alone: every cluster equally strong), and rescaled to the norm of that cluster's true leave-one-out
+effect (an oracle for the magnitudes); and the Spearman correlation of each method's per-cluster norms with the
+true ones. Reads the projects of quality.py's configs (and brings them up to date with `dvc repro` first).
+Writes benchmarks/results/magnitudes.json.
+
+    python benchmarks/magnitudes.py digits_k50 fashion_k100
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+import torch
+from quality import RESULTS, WORK, run_config
+from scipy.stats import spearmanr
+
+from ddm_ops.config import load_params
+from ddm_ops.evaluation import Method, evaluate
+from ddm_ops.objectives import margin
+from stages.artifacts import Paths, RunTables
+from stages.common import dataset
+from stages.reporting.quality import methods
+from stages.retraining import load_ground_truth
+
+RESULT = RESULTS / "magnitudes.json"
+METRICS = {"group-LDS": "lds_margin_aligned", "LOGO within class": "logo_margin_within_class_aligned"}
+
+
+def rescaled(scores: np.ndarray, norms: np.ndarray) -> np.ndarray:
+    """Each cluster's row of (K, M) scores scaled to the given norm (rows of zeros stay zero)."""
+    own = np.linalg.norm(scores, axis=1, keepdims=True)
+    return scores / np.where(own > 0, own, 1.0) * norms[:, None]
+
+
+def measure(name: str) -> dict:
+    run_config(name)
+    folder = WORK / name
+    params, paths = load_params(folder / "params.yaml"), Paths(folder)
+    truth = load_ground_truth(paths, params)
+    found, base = methods(RunTables.read(paths), params)
+    y, clusters = torch.from_numpy(dataset(params).y_test.numpy()), RunTables.read(paths).clusters["label"].to_numpy()
+    seed = truth.aligned_seed
+    cluster = torch.from_numpy(truth.cluster[seed])
+    drop = margin(torch.from_numpy(truth.full[seed]), y)[None] - margin(cluster, y.expand(len(cluster), -1))
+    true_norms = np.linalg.norm(drop.double().numpy(), axis=1)
+    scored = {m: f.scores["margin"] for m, f in found.items() if "margin" in f.scores}
+    scalings = {
+        "own": lambda s: s,
+        "unit": lambda s: rescaled(s, np.ones(len(s))),
+        "true norms": lambda s: rescaled(s, true_norms),
+    }
+    rows = {m: {} for m in scored}
+    for scaling, scale in scalings.items():
+        quality = evaluate(
+            {m: Method({"margin": scale(s)}) for m, s in scored.items()}, base, y.numpy(), clusters, truth
+        )
+        for m in scored:
+            rows[m].update({f"{label}, {scaling}": quality[m][key] for label, key in METRICS.items()})
+    for m, s in scored.items():
+        rows[m]["norms Spearman"] = float(spearmanr(np.linalg.norm(s, axis=1), true_norms)[0])
+    return rows
+
+
+def main(names: list[str]) -> None:
+    results = json.loads(RESULT.read_text()) if RESULT.is_file() else {}
+    for name in names:
+        print(f"== {name}", flush=True)
+        results[name] = measure(name)
+        for m, row in results[name].items():
+            print(m, {k: round(v, 3) for k, v in row.items()})
+    RESULT.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
+    print(f"wrote {RESULT.relative_to(RESULTS.parents[1])}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:] or ["digits_k50", "fashion_k100"])
