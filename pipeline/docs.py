@@ -371,19 +371,32 @@ MAGNITUDES_INTRO = """## Directions or magnitudes
 `python benchmarks/magnitudes.py [config ...]` (→ `benchmarks/results/magnitudes.json`; reuses quality.py's
 projects) scores every method again with each cluster's scores over the test samples rescaled: to unit norm (the
 directions alone, every cluster equally strong), and to the norm of the cluster's true leave-one-out effect (an
-oracle for the magnitudes). *norms Spearman* ranks the method's per-cluster norms against the true ones. Margin,
-aligned truth."""
+oracle for the magnitudes). *norms Spearman* ranks the method's per-cluster norms against the true ones, *norms vs
+size* and *norms vs loss* against the clusters' sizes and their members' mean training loss under the target model.
+Margin, aligned truth."""
 
 MAGNITUDE_SCALINGS = ("own", "unit", "true norms")
 MAGNITUDE_COLUMNS = [f"{metric}, {s}" for metric in ("group-LDS", "LOGO within class") for s in MAGNITUDE_SCALINGS]
 
 
+NORM_COLUMNS = ["norms Spearman", "norms vs size", "norms vs loss"]
+
+
 def render_magnitudes(result: dict) -> list[str]:
     lines = [MAGNITUDES_INTRO]
-    for name, rows in result.items():
-        order = ranked([{"method": m, **r} for m, r in rows.items()], "group-LDS, own")
-        body = [[f"`{r['method']}`", *(score(r[c]) for c in [*MAGNITUDE_COLUMNS, "norms Spearman"])] for r in order]
-        lines += ["", f"### {name}", "", *table(["method", *MAGNITUDE_COLUMNS, "norms Spearman"], body)]
+    for name, entry in result.items():
+        order = ranked([{"method": m, **r} for m, r in entry["methods"].items()], "group-LDS, own")
+        body = [[f"`{r['method']}`", *(score(r[c]) for c in [*MAGNITUDE_COLUMNS, *NORM_COLUMNS])] for r in order]
+        truth = entry["truth"]
+        lines += [
+            "",
+            f"### {name}",
+            "",
+            *table(["method", *MAGNITUDE_COLUMNS, *NORM_COLUMNS], body),
+            "",
+            f"The true leave-one-out norms: Spearman {score(truth['norms vs size'])} with the clusters' sizes, "
+            f"{score(truth['norms vs loss'])} with their mean training loss.",
+        ]
     return lines
 
 
