@@ -191,6 +191,13 @@ class DistillParams(_Block):
         "from θ_0 to θ_T (both included; 1: θ_T alone), where synsets are matched and removals made; all, or more "
         "than are saved: every saved checkpoint",
     )
+    span: float = Field(
+        1.0,
+        gt=0.0,
+        le=1.0,
+        description="pairing checkpoint, and perturb.update ekfac: the share of training, from θ_0, whose checkpoints "
+        "`checkpoints` chooses from: θ_0 to θ_{round(span·T)} (1: the whole trajectory)",
+    )
     direction: Literal["forward", "reverse"] = Field(
         "forward",
         description="forward: the synset's gradient imitates the cluster's, and removal steps against it; reverse: "
