@@ -38,13 +38,12 @@ def rescaled(scores: np.ndarray, norms: np.ndarray) -> np.ndarray:
     return scores / np.where(own > 0, own, 1.0) * norms[:, None]
 
 
-def cluster_traits(params, paths: Paths, ds) -> dict[str, np.ndarray]:
+def cluster_traits(params, paths: Paths, ds, assigned: pd.DataFrame) -> dict[str, np.ndarray]:
     """Per cluster (ascending ids): its size and its members' mean training loss under the target model."""
     model = new_model(params, ds).eval()
     model.load_state_dict(load_tensors(paths.stage("train_target") / "model.pt"))
     with torch.no_grad():
         loss = torch.nn.functional.cross_entropy(model(ds.x_train), ds.y_train, reduction="none").numpy()
-    assigned = RunTables.read(paths).assignments
     position = {t: i for i, t in enumerate(ds.train_index)}
     members = pd.DataFrame(
         {"cluster_id": assigned["cluster_id"], "loss": loss[[position[t] for t in assigned["train_index"]]]}
@@ -81,7 +80,7 @@ def measure(name: str) -> dict:
         )
         for m in scored:
             rows[m].update({f"{label}, {scaling}": quality[m][key] for label, key in METRICS.items()})
-    traits = cluster_traits(params, paths, ds)
+    traits = cluster_traits(params, paths, ds, tables.assignments)
     for m, s in scored.items():
         norms = np.linalg.norm(s, axis=1)
         rows[m].update({"norms Spearman": float(spearmanr(norms, true_norms)[0]), **correlations(norms, traits)})

@@ -377,8 +377,6 @@ Margin, aligned truth."""
 
 MAGNITUDE_SCALINGS = ("own", "unit", "true norms")
 MAGNITUDE_COLUMNS = [f"{metric}, {s}" for metric in ("group-LDS", "LOGO within class") for s in MAGNITUDE_SCALINGS]
-
-
 NORM_COLUMNS = ["norms Spearman", "norms vs size", "norms vs loss"]
 
 
