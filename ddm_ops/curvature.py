@@ -247,11 +247,11 @@ def stored_factors(state: dict) -> tuple[torch.Tensor, list[Factors]] | None:
 
 
 def curvature_factors(
-    model: nn.Module, trajectory: Trajectory, x: torch.Tensor, checkpoints: int | str, seed: int, span: float = 1.0
+    model: nn.Module, trajectory: Trajectory, x: torch.Tensor, checkpoints: int | str, seed: int
 ) -> tuple[torch.Tensor, list[Factors]]:
-    """EK-FAC factors of the training loss (true Fisher over x) at `checkpoints` checkpoints spread over the first
-    `span` of the trajectory (Trajectory.spread): (their indices, the factors at each)."""
-    index = trajectory.spread(checkpoints, span)
+    """EK-FAC factors of the training loss (true Fisher over x) at `checkpoints` checkpoints spread over the
+    trajectory (Trajectory.spread): (their indices, the factors at each)."""
+    index = trajectory.spread(checkpoints)
     factors = []
     for i in index.tolist():
         theta, buffers = trajectory.at(i)

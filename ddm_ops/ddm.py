@@ -1,8 +1,8 @@
 """DDM as an attributor. Offline: every cluster distilled into its synset, the training loss's EK-FAC curvature at
-the checkpoints the removal uses, the step size (given, or fitted on calibration clusters). Online: each cluster
-removed by its synset (a Newton step at those checkpoints, their output changes averaged, or θ_T moved by their mean
-step; or the paper's n_u SGD steps from θ_T), with every removed model's test logits; the scores are the drops of
-the objectives."""
+the matched checkpoints, the step size (given, or fitted on calibration clusters). Online: each cluster removed by
+its synset (a Newton step at the matched checkpoints of the first perturb.span of training, their output changes
+averaged, or θ_T moved by their mean step; or the paper's n_u SGD steps from θ_T), with every removed model's test
+logits; the scores are the drops of the objectives."""
 
 from __future__ import annotations
 
@@ -87,11 +87,17 @@ class DDM:
             if self.factors is None:
                 trajectory = Trajectory.from_checkpoints(model, task.checkpoints, task.batch_size).to(device)
                 index, factors = curvature_factors(
-                    model, trajectory, task.train[0], self.distill.checkpoints, task.seed, self.distill.span
+                    model, trajectory, task.train[0], self.distill.checkpoints, task.seed
                 )
             else:
                 index, factors = self.factors
             curvature = damped(factors, self.perturb.damping, device)
+            last = round(self.perturb.span * (len(task.checkpoints) - 1))  # the removal's latest checkpoint
+            if self.perturb.update == "ekfac" and index[0] > last:
+                raise ValueError(
+                    f"perturb.span {self.perturb.span}: none of the matched checkpoints {index.tolist()} is in the "
+                    f"first span of training (θ_0 to θ_{last}); raise perturb.span or distill.checkpoints"
+                )
         self.synset = synset = self.distiller(task, self.distill, curvature)
         self.images, self.labels = synset["images"].to(device), synset["labels"].to(device)
         self.sign = removal_sign(synset["direction"])
@@ -101,8 +107,9 @@ class DDM:
         self.points = []
         if self.perturb.update == "ekfac":
             for i, (layers, damping) in zip(index.tolist(), curvature):
-                weights, buffers = split_state(model, {k: v.to(device) for k, v in task.checkpoints[i].state.items()})
-                self.points.append((weights, buffers, layers, damping))
+                if i <= last:
+                    state = {k: v.to(device) for k, v in task.checkpoints[i].state.items()}
+                    self.points.append((*split_state(model, state), layers, damping))
         self.step = self.perturb.step_size
         if self.step == "auto":
             c = task.calibration

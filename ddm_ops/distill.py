@@ -48,7 +48,7 @@ def matching_targets(
     """
     sign = 1.0 if params.direction == "forward" else -1.0
     if params.pairing == "checkpoint":
-        index = trajectory.spread(params.checkpoints, params.span)
+        index = trajectory.spread(params.checkpoints)
         real = checkpoint_gradients(model, trajectory, index, x, y)
         return index, {k: sign * g for k, g in real.items()}
     real = cluster_gradients(model, trajectory, x, y)

@@ -38,8 +38,7 @@ def _peer(method: str) -> Callable[[Params], Peer]:
 METHODS: dict[str, Method] = {
     "ddm": Method(
         lambda p: DDM(p.distill, p.perturb),
-        "the run's DDM: synsets (distill), removed as perturb says (default: EK-FAC Newton steps at the last "
-        "checkpoints)",
+        "the run's DDM: synsets (distill), removed as perturb says (default: EK-FAC Newton steps at every checkpoint)",
     ),
     "class_indicator": Method(lambda p: ClassIndicator(), "1 for the clusters of the test sample's class"),
     "input_similarity": Method(

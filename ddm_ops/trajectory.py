@@ -49,10 +49,10 @@ class Trajectory:
             mv(self.params), mv(self.buffers), self.lrs.to(device), self.epochs.to(device), self.batch_size
         )
 
-    def spread(self, n: int | str, span: float = 1.0) -> torch.Tensor:
-        """Indices of n checkpoints spread evenly over the first `span` of the trajectory, θ_0 to θ_{round(span·T)}
-        both included (n 1: the last of them alone); n "all", or at least as many as are saved there: every one."""
-        count = round(span * len(self.lrs)) + 1
+    def spread(self, n: int | str) -> torch.Tensor:
+        """Indices of n checkpoints spread evenly over the trajectory, θ_0 and θ_T included (n 1: θ_T alone); n "all",
+        or at least the number saved: every checkpoint."""
+        count = len(self.lrs) + 1
         if n == "all" or n >= count:
             return torch.arange(count)
         return torch.linspace(count - 1, 0, n).round().long().flip(0)

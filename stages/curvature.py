@@ -30,7 +30,7 @@ def run(params: Params, paths: Paths, out: Path, fan_out: FanOut = in_process) -
         trajectory = Trajectory.from_checkpoints(model, checkpoints, params.train.batch_size).to(device)
         start = time.perf_counter()
         index, factors = curvature_factors(
-            model, trajectory, ds.x_train.to(device), params.distill.checkpoints, params.base.seed, params.distill.span
+            model, trajectory, ds.x_train.to(device), params.distill.checkpoints, params.base.seed
         )
         state = {"checkpoints": index, "factors": [to_state([f.to(torch.device("cpu")) for f in fs]) for fs in factors]}
         metrics.update(n_checkpoints=len(index), curvature_seconds=time.perf_counter() - start)

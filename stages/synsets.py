@@ -38,7 +38,7 @@ def _curvature(params: Params, root: str, device: torch.device) -> Curvature:
     worker process."""
     path = Paths(Path(root)).stage("curvature") / "factors.pt"
     index, factors = stored_factors(load_tensors(path)) or (torch.zeros(0, dtype=torch.long), [])
-    expected = _trajectory(params, root, device).spread(params.distill.checkpoints, params.distill.span)
+    expected = _trajectory(params, root, device).spread(params.distill.checkpoints)
     if not torch.equal(index, expected):
         raise ValueError(f"{path}: fitted at checkpoints {index.tolist()}, not {expected.tolist()}; rerun curvature")
     return damped(factors, params.perturb.damping, device)

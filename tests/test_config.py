@@ -24,7 +24,11 @@ from pipeline.stage import check_params_against_data
         ({"train": {"momentum": 0.9}}, ["train.momentum = 0.9", "allowed: 0", "plain SGD"]),
         ({"train": {"weight_decay": 5e-4}}, ["train.weight_decay = 0.0005", "allowed: 0"]),
         ({"distill": {"checkpoints": "every"}}, ["distill.checkpoints", "'every'", "'all'"]),
-        ({"distill": {"span": 1.5}}, ["distill.span = 1.5", "less than or equal to 1"]),
+        ({"perturb": {"span": 1.5}}, ["perturb.span = 1.5", "less than or equal to 1"]),
+        (
+            {"distill": {"checkpoints": 1}, "perturb": {"span": 0.2}},
+            ["perturb.span = 0.2", "distill.checkpoints of at least 2", "θ_T alone"],
+        ),
         (
             {"distill": {"metric": "layerwise", "labels": "solved"}},
             ["distill.labels = 'solved'", "'layerwise'", "labels learned"],

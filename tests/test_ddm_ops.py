@@ -143,11 +143,6 @@ def test_checkpoints_are_spread_over_the_trajectory():
     assert traj.spread(4).tolist() == [0, 5, 10, 15]
     assert traj.spread(1).tolist() == [15]
     assert traj.spread(16).tolist() == traj.spread(40).tolist() == traj.spread("all").tolist() == list(range(16))
-    # the first fifth of training: θ_0 … θ_3
-    assert traj.spread("all", 0.2).tolist() == traj.spread(9, 0.2).tolist() == [0, 1, 2, 3]
-    assert traj.spread(2, 0.2).tolist() == [0, 3]
-    assert traj.spread(1, 0.5).tolist() == [8]
-    assert traj.spread(1, 0.01).tolist() == [0]
 
 
 def _data(n=64):

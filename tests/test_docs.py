@@ -101,7 +101,7 @@ def test_headline_says_who_wins_from_the_numbers():
     detection[own]["auc"] = 0.5
     text = "\n".join(docs.headline(results["peers"], results["quality"], results["data_quality"]))
     assert (
-        "DDM's 0.200 is ahead of 1 of the 7 other methods (the best of them `gradient_ascent` 0.102); **peers win**: "
+        "DDM's 0.200 is ahead of 1 of the 7 other methods (the best of them `gradient_ascent` 0.111); **peers win**: "
         "`ekfac_ensemble`" in text
     )
     assert "**Finding mislabelled data, peers win**" in text
