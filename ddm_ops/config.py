@@ -284,8 +284,15 @@ class PerturbParams(_Block):
         le=1.0,
         description="update ekfac: the removal uses the matched checkpoints (distill.checkpoints) of the first span "
         "of training, θ_0 to θ_{round(span·T)}, and leaves the later ones out (1: all of them). 0.2 ranks subsets "
-        "of clusters better on digits K=50 (two seeds) and Fashion-MNIST K=100, worse on digits K=20, and single "
-        "clusters worse on all four (docs/method.md)",
+        "of clusters better on digits K=50 (two seeds) and Fashion-MNIST K=100 (two subsets), worse on digits K=20, "
+        "and single clusters worse on all five (docs/method.md)",
+    )
+    curvature: Literal["fisher", "margin"] = Field(
+        "fisher",
+        description="update ekfac (and distill.metric whitened): the curvature H_t, as EK-FAC factors at each "
+        "matched checkpoint. fisher: the true Fisher of the training loss (labels sampled from the model, as "
+        "Kronfluence); margin: the Gauss–Newton matrix of the training samples' log-odds log(p/(1-p)) of their "
+        "label (TRAK's kernel), which confidently fitted samples still weigh in (docs/method.md)",
     )
     damping: PositiveFloat = Field(
         0.01,

@@ -1,10 +1,12 @@
 """Curvature of the training loss as EK-FAC factors, and the Newton (influence-function) step they give a gradient.
 
-EK-FAC (George et al. 2018; Grosse et al. 2023, as in Kronfluence): per Linear / Conv2d layer, the Fisher of the
-mean training loss is approximated in the Kronecker eigenbasis Q_S ⊗ Q_A of the layer's output-gradient covariance S
-and input covariance A (the bias as a last input column of ones), with the eigenvalues corrected to the mean squared
-per-sample gradient in that basis. The true Fisher: output gradients use labels sampled from the model. Layers of
-other kinds (normalisation affines) are not tracked: a preconditioned step leaves them unchanged.
+EK-FAC (George et al. 2018; Grosse et al. 2023, as in Kronfluence): per Linear / Conv2d layer, a Gauss–Newton
+matrix of the training loss is approximated in the Kronecker eigenbasis Q_S ⊗ Q_A of the layer's output-gradient
+covariance S and input covariance A (the bias as a last input column of ones), with the eigenvalues corrected to the
+mean squared per-sample gradient in that basis. Of which per-sample output: the loss with labels sampled from the
+model (the true Fisher, as Kronfluence), or the log-odds of the true class (TRAK's kernel, Park et al. 2023: not
+weighted down where the model is confident). Layers of other kinds (normalisation affines) are not tracked: a
+preconditioned step leaves them unchanged.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from torch.func import functional_call
 
 from ddm_ops.functional import Weights, math_attention
 from ddm_ops.trajectory import Trajectory
+
+KINDS = ("fisher", "margin")  # the curvature_factors kinds (perturb.curvature)
 
 BATCH = 256  # training images per pass
 PER_SAMPLE_ENTRIES = 1 << 24  # per-sample gradient entries held at once (a ResNet18 layer's 256 took 4.8 GB)
@@ -72,11 +76,24 @@ def _output_grads(module: nn.Module, g: torch.Tensor) -> torch.Tensor:
     return g.reshape(len(g), -1, g.shape[-1])
 
 
+def log_odds(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """log(p / (1 - p)) of each sample's label under the softmax: TRAK's output function (a soft margin)."""
+    own = logits.gather(-1, labels[..., None])[..., 0]
+    return own - logits.scatter(-1, labels[..., None], float("-inf")).logsumexp(-1)
+
+
 def _layer_passes(
-    model: nn.Module, params: Weights, buffers: Weights, x: torch.Tensor, labels: torch.Tensor | None, seed: int
+    model: nn.Module,
+    params: Weights,
+    buffers: Weights,
+    x: torch.Tensor,
+    labels: torch.Tensor | None,
+    seed: int,
+    output: str = "loss",
 ):
     """Per batch of x: for each tracked layer, its inputs (b, tokens, d_in) and output gradients (b, tokens, d_out)
-    of the summed loss with the given labels, or with labels sampled from the model (the true Fisher)."""
+    of the summed loss with the given labels, or with labels sampled from the model (the true Fisher); or, output
+    "margin", of the summed log-odds of the given labels."""
     layers = tracked_layers(model)
     p = {k: v.detach().requires_grad_(True) for k, v in params.items()}
     generator = torch.Generator().manual_seed(seed)
@@ -99,7 +116,10 @@ def _layer_passes(
             targets = torch.multinomial(probs, 1, generator=generator).flatten().to(x.device)
         else:
             targets = labels[i * BATCH : (i + 1) * BATCH]
-        loss = F.cross_entropy(logits, targets, reduction="sum")
+        if output == "margin":
+            loss = log_odds(logits, targets).sum()
+        else:
+            loss = F.cross_entropy(logits, targets, reduction="sum")
         used = [(name, m) for name, m in layers if name in captured]  # not those whose weights are read directly
         outs = torch.autograd.grad(loss, [captured[name][1] for name, _ in used])
         yield {
@@ -109,17 +129,24 @@ def _layer_passes(
 
 
 def fit_factors(
-    model: nn.Module, params: Weights, buffers: Weights, x: torch.Tensor, seed: int, labels: torch.Tensor | None = None
+    model: nn.Module,
+    params: Weights,
+    buffers: Weights,
+    x: torch.Tensor,
+    seed: int,
+    labels: torch.Tensor | None = None,
+    output: str = "loss",
 ) -> Factors:
     """EK-FAC factors of the mean cross-entropy on the training images x at the weights (params, buffers): the true
-    Fisher with labels drawn from the model (seeded), or with `labels` the empirical Fisher.
+    Fisher with labels drawn from the model (seeded), or with `labels` the empirical Fisher; with output "margin"
+    (and `labels`), of the Gauss–Newton matrix of the labels' log-odds, mean over x of ∇f_n ∇f_n^T.
 
     Two passes over x: the covariances A and S and their eigenvectors, then the eigenvalue correction
     lam = mean over samples of (Q_S^T G_n Q_A)^2, G_n the sample's gradient (d_out, d_in). float64 throughout.
     """
     modules = dict(tracked_layers(model))
     cov: dict[str, list[torch.Tensor]] = {}
-    for batch in _layer_passes(model, params, buffers, x, labels, seed):
+    for batch in _layer_passes(model, params, buffers, x, labels, seed, output):
         for name, (a, g) in batch.items():
             a, g = a.flatten(0, 1), g.flatten(0, 1)
             if name not in cov:
@@ -129,7 +156,7 @@ def fit_factors(
                 cov[name][1] += g.T @ g
     bases = {name: (_eigenvectors(a), _eigenvectors(s)) for name, (a, s) in cov.items()}
     lam: dict[str, torch.Tensor] = {}
-    for batch in _layer_passes(model, params, buffers, x, labels, seed):
+    for batch in _layer_passes(model, params, buffers, x, labels, seed, output):
         for name, (a, g) in batch.items():
             qa, qs = bases[name]
             a, g = a @ qa, g @ qs  # Q_S^T G_n Q_A = Σ_tokens (Q_S^T g)(Q_A^T a)^T
@@ -247,13 +274,23 @@ def stored_factors(state: dict) -> tuple[torch.Tensor, list[Factors]] | None:
 
 
 def curvature_factors(
-    model: nn.Module, trajectory: Trajectory, x: torch.Tensor, checkpoints: int | str, seed: int
+    model: nn.Module,
+    trajectory: Trajectory,
+    train: tuple[torch.Tensor, torch.Tensor],
+    checkpoints: int | str,
+    seed: int,
+    kind: str = "fisher",
 ) -> tuple[torch.Tensor, list[Factors]]:
-    """EK-FAC factors of the training loss (true Fisher over x) at `checkpoints` checkpoints spread over the
-    trajectory (Trajectory.spread): (their indices, the factors at each)."""
+    """EK-FAC factors over the training images and labels `train` at `checkpoints` checkpoints spread over the
+    trajectory (Trajectory.spread): (their indices, the factors at each). kind fisher: the true Fisher of the loss;
+    margin: the Gauss–Newton matrix of the labels' log-odds (fit_factors)."""
+    if kind not in KINDS:
+        raise ValueError(f"curvature kind {kind!r}: expected one of {', '.join(KINDS)}")
+    x, y = train
+    labels, output = (y, "margin") if kind == "margin" else (None, "loss")
     index = trajectory.spread(checkpoints)
     factors = []
     for i in index.tolist():
         theta, buffers = trajectory.at(i)
-        factors.append(fit_factors(model, theta, buffers, x, seed=seed * 1_009 + i))
+        factors.append(fit_factors(model, theta, buffers, x, seed=seed * 1_009 + i, labels=labels, output=output))
     return index, factors

@@ -87,7 +87,7 @@ class DDM:
             if self.factors is None:
                 trajectory = Trajectory.from_checkpoints(model, task.checkpoints, task.batch_size).to(device)
                 index, factors = curvature_factors(
-                    model, trajectory, task.train[0], self.distill.checkpoints, task.seed
+                    model, trajectory, task.train, self.distill.checkpoints, task.seed, self.perturb.curvature
                 )
             else:
                 index, factors = self.factors

@@ -1,5 +1,5 @@
-"""Stage curvature: EK-FAC factors of the training loss at the checkpoints where distill matches synsets and perturb
-removes clusters."""
+"""Stage curvature: EK-FAC factors of the training loss (perturb.curvature: its Fisher, or TRAK's kernel of the
+log-odds) at the checkpoints where distill matches synsets and perturb removes clusters."""
 
 from __future__ import annotations
 
@@ -29,8 +29,9 @@ def run(params: Params, paths: Paths, out: Path, fan_out: FanOut = in_process) -
         checkpoints = load_checkpoints(paths.stage("train_target") / "checkpoints")
         trajectory = Trajectory.from_checkpoints(model, checkpoints, params.train.batch_size).to(device)
         start = time.perf_counter()
+        train = (ds.x_train.to(device), ds.y_train.to(device))
         index, factors = curvature_factors(
-            model, trajectory, ds.x_train.to(device), params.distill.checkpoints, params.base.seed
+            model, trajectory, train, params.distill.checkpoints, params.base.seed, params.perturb.curvature
         )
         state = {"checkpoints": index, "factors": [to_state([f.to(torch.device("cpu")) for f in fs]) for fs in factors]}
         metrics.update(n_checkpoints=len(index), curvature_seconds=time.perf_counter() - start)

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
 from ddm_ops.config import DataParams, ModelParams, SubsetParams, TrainParams
-from ddm_ops.curvature import fit_factors, from_state, precondition, to_state
+from ddm_ops.curvature import _eigenbasis, fit_factors, from_state, log_odds, precondition, to_state
 from ddm_ops.data import load_dataset
 from ddm_ops.functional import per_sample_grads, split_state
 from ddm_ops.models import build_model
@@ -108,3 +108,19 @@ def test_precondition_inverts_the_fitted_curvature():
         out = precondition(factors, grads, damping=damping)
         got = torch.cat([out["classifier.weight"], out["classifier.bias"][:, None]], 1)
         torch.testing.assert_close(got, g / (lam + damping), rtol=1e-6, atol=1e-9 / lam)
+
+
+def test_margin_curvature_is_the_gauss_newton_of_the_log_odds():
+    """output margin: in each layer's Kronecker eigenbasis, the corrected eigenvalues are the mean squared per-sample
+    gradients of the label's log-odds (TRAK's kernel, diagonal there), computed here independently with vmap."""
+    ds = load_dataset(DataParams(subset=SubsetParams(train=200, test=10)))
+    model = build_model(ModelParams(width=4), ds.image_shape, 10, 0).eval()
+    params, buffers = split_state(model, model.state_dict())
+    x, y = ds.x_train, ds.y_train
+    factors = fit_factors(model, params, buffers, x, seed=0, labels=y, output="margin")
+    grads = per_sample_grads(model, params, buffers, x, y, log_odds)
+    assert len(factors) == 3
+    for f in factors:
+        rotated, lead = _eigenbasis(f, grads)
+        assert lead == (len(x),)
+        torch.testing.assert_close(f.lam, rotated.square().mean(0), rtol=1e-6, atol=1e-9 * float(f.lam.max()))
