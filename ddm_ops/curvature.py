@@ -19,6 +19,7 @@ from torch import nn
 from torch.func import functional_call
 
 from ddm_ops.functional import Weights, math_attention
+from ddm_ops.objectives import log_odds
 from ddm_ops.trajectory import Trajectory
 
 KINDS = ("fisher", "margin")  # the curvature_factors kinds (perturb.curvature)
@@ -74,12 +75,6 @@ def _output_grads(module: nn.Module, g: torch.Tensor) -> torch.Tensor:
     if isinstance(module, nn.Conv2d):
         return g.flatten(2).transpose(1, 2)
     return g.reshape(len(g), -1, g.shape[-1])
-
-
-def log_odds(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """log(p / (1 - p)) of each sample's label under the softmax: TRAK's output function (a soft margin)."""
-    own = logits.gather(-1, labels[..., None])[..., 0]
-    return own - logits.scatter(-1, labels[..., None], float("-inf")).logsumexp(-1)
 
 
 def _layer_passes(

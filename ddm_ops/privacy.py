@@ -11,6 +11,8 @@ import torch
 from scipy.stats import rankdata
 from sklearn.metrics import roc_curve
 
+from ddm_ops.objectives import log_odds
+
 SSIM_C1, SSIM_C2 = 0.01**2, 0.03**2  # SSIM's constants for a data range of 1
 
 
@@ -90,10 +92,7 @@ def nearest_real(images: torch.Tensor, members: torch.Tensor, non_members: torch
 def confidence(logits: torch.Tensor, labels: torch.Tensor) -> np.ndarray:
     """The attack's statistic per image: log p_y - log(1 - p_y) of its own label y, from logits (n, C); a model is
     more confident on the images it was trained on."""
-    z = logits.double()
-    own = z.gather(1, labels[:, None]).squeeze(1)
-    others = z.scatter(1, labels[:, None], -float("inf"))
-    return (own - torch.logsumexp(others, 1)).numpy()
+    return log_odds(logits.double(), labels).numpy()
 
 
 def likelihood_ratio(target: np.ndarray, references: np.ndarray) -> np.ndarray:
