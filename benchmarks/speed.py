@@ -95,7 +95,14 @@ def online_vs_training(folder: Path, repeats: int = 3) -> dict:
     synset = load_tensors(paths.stage("distill") / "synset.pt")
     step = json.loads((paths.stage("perturb") / "metrics.json").read_text())["step_size"]
     perturb = params.perturb.model_copy(update={"step_size": step})
-    ddm = DDM(params.distill, perturb, distiller=lambda task, distill, curvature: synset, factors=load_factors(paths))
+    kernel = load_factors(paths, "kernel")
+    ddm = DDM(
+        params.distill,
+        perturb,
+        distiller=lambda task, distill, curvature: synset,
+        factors=load_factors(paths),
+        kernel=kernel and kernel[1],
+    )
     ddm.fit(run_task(params, paths, calibrate=False))
     ds = dataset(params)
     x, y = ds.x_test.to(ddm.images.device), ds.y_test.to(ddm.images.device)

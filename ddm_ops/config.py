@@ -299,6 +299,14 @@ class PerturbParams(_Block):
         description="update ekfac: added to every curvature eigenvalue, as a fraction of their mean (0.1 is "
         "Kronfluence's heuristic)",
     )
+    lengths: Literal["kernel", "curvature"] = Field(
+        "kernel",
+        description="update ekfac with curvature fisher: each cluster's step length. kernel: the Fisher Newton step "
+        "of each cluster rescaled by c_k, how much more TRAK's kernel's Newton step (curvature margin) changes the "
+        "margins of 512 training images than it does (the cluster's own members left out; c normalized to median "
+        "1): the Fisher's directions with the kernel's magnitudes, better subsets on all five benchmark configs "
+        "(docs/method.md); curvature: the Newton step's own, one step size s for all clusters",
+    )
 
 
 class AttributeParams(_Block):

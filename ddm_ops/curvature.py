@@ -19,13 +19,19 @@ from torch import nn
 from torch.func import functional_call
 
 from ddm_ops.functional import Weights, math_attention
-from ddm_ops.objectives import log_odds
 from ddm_ops.trajectory import Trajectory
 
 KINDS = ("fisher", "margin")  # the curvature_factors kinds (perturb.curvature)
 
 BATCH = 256  # training images per pass
 PER_SAMPLE_ENTRIES = 1 << 24  # per-sample gradient entries held at once (a ResNet18 layer's 256 took 4.8 GB)
+
+
+def log_odds(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """log(p / (1 - p)) of the true class under the softmax, per sample: a soft margin (TRAK's output function).
+    Kept out of objectives.py, whose bytes key every cached retraining (stages/retraining.py)."""
+    correct = logits.gather(-1, labels[..., None])[..., 0]
+    return correct - logits.scatter(-1, labels[..., None], float("-inf")).logsumexp(-1)
 
 
 @dataclass(frozen=True)
@@ -197,6 +203,12 @@ def uses_curvature(update: str, metric: str) -> bool:
     return update == "ekfac" or metric == "whitened"
 
 
+def lengthened(update: str, curvature: str, lengths: str) -> bool:
+    """Whether the removal's Fisher Newton steps are lengthened to TRAK's kernel's (perturb.lengths kernel), which
+    needs the kernel's factors too; a removal by the kernel itself (curvature margin) has its lengths already."""
+    return update == "ekfac" and curvature == "fisher" and lengths == "kernel"
+
+
 def damped(factors: list[Factors], damping: float, device: torch.device) -> Curvature:
     """Each checkpoint's factors on `device` with their absolute damping (damping_value of the relative `damping`)."""
     out = []
@@ -262,10 +274,12 @@ def from_state(state: dict) -> Factors:
     ]
 
 
-def stored_factors(state: dict) -> tuple[torch.Tensor, list[Factors]] | None:
-    """The curvature stage's factors.pt ({"checkpoints", "factors": to_state() each}) as (checkpoint indices, the
-    factors at each); None when it holds none."""
-    return (state["checkpoints"], [from_state(f) for f in state["factors"]]) if state["factors"] else None
+def stored_factors(state: dict, key: str = "factors") -> tuple[torch.Tensor, list[Factors]] | None:
+    """The curvature stage's factors.pt ({"checkpoints", "factors" and "kernel": to_state() at each}) as (checkpoint
+    indices, the `key` factors at each: the removal's curvature, or TRAK's kernel for perturb.lengths kernel); None
+    when it holds none."""
+    found = state.get(key) or []
+    return (state["checkpoints"], [from_state(f) for f in found]) if found else None
 
 
 def curvature_factors(

@@ -1,8 +1,9 @@
 """DDM as an attributor. Offline: every cluster distilled into its synset, the training loss's EK-FAC curvature at
 the matched checkpoints, the step size (given, or fitted on calibration clusters). Online: each cluster removed by
 its synset (a Newton step at the matched checkpoints of the first perturb.span of training, their output changes
-averaged, or θ_T moved by their mean step; or the paper's n_u SGD steps from θ_T), with every removed model's test
-logits; the scores are the drops of the objectives."""
+averaged, or θ_T moved by their mean step, each cluster's step lengthened to the kernel's with perturb.lengths
+kernel; or the paper's n_u SGD steps from θ_T), with every removed model's test logits; the scores are the drops of
+the objectives."""
 
 from __future__ import annotations
 
@@ -17,17 +18,18 @@ from ddm_ops.attributors import Attribution, Task, removed_model_scores
 from ddm_ops.calibration import NEWTON_STEP_GRID, STEP_GRID, calibrate_step
 from ddm_ops.cluster import nearest_members
 from ddm_ops.config import DistillParams, PerturbParams
-from ddm_ops.curvature import Curvature, Factors, curvature_factors, damped, uses_curvature
+from ddm_ops.curvature import Curvature, Factors, curvature_factors, damped, lengthened, uses_curvature
 from ddm_ops.devices import synchronize
 from ddm_ops.distill import distill_cluster, removal_sign
 from ddm_ops.functional import split_state
 from ddm_ops.models import functional_mode
-from ddm_ops.objectives import OBJECTIVES
+from ddm_ops.objectives import OBJECTIVES, margin
 from ddm_ops.trajectory import Trajectory
 from ddm_ops.unlearn import newton_direction, outputs_of, stepped, unlearn
 
 log = logging.getLogger(__name__)
 WEIGHTS_PER_PASS = 50_000_000  # removals are batched so that their stacked weights stay below this many numbers
+REFERENCE_IMAGES = 512  # perturb.lengths kernel: training images whose margin changes measure the steps' lengths
 # the paper's DDM, as first run
 PAPER = {"pairing": "mirrored", "ipc": 2, "iterations": 100, "metric": "layerwise", "labels": "learned"}
 Distiller = Callable[[Task, DistillParams, Curvature], dict]  # -> the stacked synset (see distill_synsets)
@@ -63,8 +65,9 @@ class DDM:
     """The Distilled Datamodel. `distill` and `perturb` as the params blocks of the same names (their defaults:
     checkpoint-paired synsets removed by EK-FAC Newton steps). `distiller` makes the synsets (default: in this
     process, cluster after cluster; the pipeline hands its fan-out, or the distill stage's file); `factors`
-    (indices, factors) are the curvature when already fitted (the curvature stage's), else fitted in `fit`.
-    A step size "auto" is fitted on the task's calibration clusters."""
+    (indices, factors) are the curvature when already fitted (the curvature stage's), else fitted in `fit`, and
+    `kernel` likewise TRAK's kernel's at the same checkpoints (perturb.lengths kernel). A step size "auto" is fitted
+    on the task's calibration clusters."""
 
     objectives = tuple(OBJECTIVES)
 
@@ -74,9 +77,10 @@ class DDM:
         perturb: PerturbParams | None = None,
         distiller: Distiller = distill_synsets,
         factors: tuple[torch.Tensor, list[Factors]] | None = None,
+        kernel: list[Factors] | None = None,
     ):
         self.distill, self.perturb = distill or DistillParams(), perturb or PerturbParams()
-        self.distiller, self.factors = distiller, factors
+        self.distiller, self.factors, self.kernel = distiller, factors, kernel
         self.curve: list[dict] | None = None
 
     def fit(self, task: Task) -> None:
@@ -104,12 +108,15 @@ class DDM:
         self.theta, self.buffers = split_state(model, task.final)
         self.per_pass = max(1, WEIGHTS_PER_PASS // sum(v.numel() for v in self.theta.values()))
         self.unit = task.batch_size / len(task.train[0])  # the influence-function step for checkpoint-paired synsets
-        self.points = []
+        self.points, self.lengths = [], None
         if self.perturb.update == "ekfac":
-            for i, (layers, damping) in zip(index.tolist(), curvature):
-                if i <= last:
-                    state = {k: v.to(device) for k, v in task.checkpoints[i].state.items()}
-                    self.points.append((*split_state(model, state), layers, damping))
+            ids = index.tolist()
+            used = [j for j, i in enumerate(ids) if i <= last]
+            for j in used:
+                state = {k: v.to(device) for k, v in task.checkpoints[ids[j]].state.items()}
+                self.points.append((*split_state(model, state), *curvature[j]))
+            if lengthened(self.perturb.update, self.perturb.curvature, self.perturb.lengths):
+                self.lengths = self._kernel_lengths(task, used)
         self.step = self.perturb.step_size
         if self.step == "auto":
             c = task.calibration
@@ -122,45 +129,81 @@ class DDM:
                 lambda s: self._remove(c.clusters, s, c.x, anchors)[0], c.logits.to(device), anchors[0][0], grid
             )
 
-    def _anchors(self, x: torch.Tensor) -> list[torch.Tensor]:
+    def _kernel_lengths(self, task: Task, used: list[int]) -> torch.Tensor:
+        """perturb.lengths kernel: c_k for each cluster, the norm of the margin changes that TRAK's kernel's Newton
+        removal causes on REFERENCE_IMAGES random training images (the cluster's own members left out), over that of
+        the Fisher's removal (both at the default step), normalized to median 1: the Fisher's steps lengthened by c_k
+        have the kernel's magnitudes and keep their directions (docs/method.md). Called before self.lengths is set,
+        so both removals here take the plain step."""
+        device = self.images.device
+        kernel = self.kernel
+        if kernel is None:
+            trajectory = Trajectory.from_checkpoints(self.model, task.checkpoints, task.batch_size).to(device)
+            kernel = curvature_factors(
+                self.model, trajectory, task.train, self.distill.checkpoints, task.seed, "margin"
+            )[1]
+        curvature = damped([kernel[j] for j in used], self.perturb.damping, device)
+        pick = torch.randperm(len(task.train[0]), generator=torch.Generator().manual_seed(task.seed))[:REFERENCE_IMAGES]
+        x, y = task.train[0][pick.to(device)], task.train[1][pick.to(device)]
+        rows = np.arange(len(self.images))
+        own = torch.from_numpy(task.clusters[pick.numpy()][None] == rows[:, None]).to(device)
+        step = PerturbParams.model_fields["step_size"].default
+        norms = []
+        for points in (self.points, [(w, b, *c) for (w, b, _, _), c in zip(self.points, curvature)]):
+            anchors = self._anchors(x, points)
+            removed, _ = self._remove(rows, step, x, anchors, points)
+            change = margin(anchors[0][0], y) - margin(removed, y.expand(len(rows), -1))
+            norms.append(change.masked_fill(own, 0).norm(dim=1))
+        lengths = norms[1] / norms[0].clamp_min(torch.finfo(norms[0].dtype).tiny)
+        quartiles = lengths.quantile(torch.tensor([0.25, 0.5, 0.75], device=device)).tolist()
+        log.info("kernel lengths before normalizing: quartiles %s", ", ".join(f"{q:.3g}" for q in quartiles))
+        return lengths / lengths.median()
+
+    def _anchors(self, x: torch.Tensor, points: list | None = None) -> list[torch.Tensor]:
         """Test logits of θ_T, then of each checkpoint the Newton removal starts from (combine outputs): they do not
         depend on the removed cluster or the step, so each is computed once per use."""
-        starts = self.points if self.perturb.combine == "outputs" else []
+        starts = (self.points if points is None else points) if self.perturb.combine == "outputs" else []
         weights = [(self.theta, self.buffers)] + [(w, b) for w, b, _, _ in starts]
         return [outputs_of(self.model, {k: v[None] for k, v in w.items()}, b, x) for w, b in weights]
 
-    def _pass(self, part: np.ndarray, step: float, x: torch.Tensor, anchors: list) -> tuple[torch.Tensor, float]:
+    def _pass(
+        self, part: np.ndarray, step: float, x: torch.Tensor, anchors: list, points: list
+    ) -> tuple[torch.Tensor, float]:
         """Test logits of the removed models of one pass, and the seconds their weight updates took."""
         model, images, labels, device = self.model, self.images[part], self.labels[part], self.images.device
+        size = step * self.unit if self.lengths is None else step * self.unit * self.lengths[part]
         if self.perturb.update == "ekfac" and self.perturb.combine == "outputs":
             change, seconds = 0.0, 0.0
-            for (weights, buffers, factors, damping), at in zip(self.points, anchors[1:]):
+            for (weights, buffers, factors, damping), at in zip(points, anchors[1:]):
                 start = time.perf_counter()
                 direction = newton_direction(model, weights, buffers, factors, images, labels, damping)
-                removed = stepped(weights, direction, step * self.unit, self.sign)
+                removed = stepped(weights, direction, size, self.sign)
                 synchronize(device)
                 seconds += time.perf_counter() - start
                 change = change + outputs_of(model, removed, buffers, x) - at
-            return anchors[0] + change / len(self.points), seconds
+            return anchors[0] + change / len(points), seconds
         start = time.perf_counter()  # one removed model per group, from θ_T
         if self.perturb.update == "sgd":
             removed = unlearn(model, self.theta, self.buffers, images, labels, self.perturb.n_u, step, self.sign)
         else:  # combine steps
             total: dict = {}  # a running sum: the checkpoints' directions are not all held at once
-            for weights, buffers, factors, damping in self.points:
+            for weights, buffers, factors, damping in points:
                 d = newton_direction(model, weights, buffers, factors, images, labels, damping)
                 total = {k: total.get(k, 0.0) + v for k, v in d.items()}
-            removed = stepped(self.theta, total, step * self.unit / len(self.points), self.sign)
+            removed = stepped(self.theta, total, size / len(points), self.sign)
         synchronize(device)
         seconds = time.perf_counter() - start
         return outputs_of(model, removed, self.buffers, x), seconds
 
-    def _remove(self, rows: np.ndarray, step: float, x: torch.Tensor, anchors: list) -> tuple[torch.Tensor, float]:
-        """Test logits of the models with each row's synset removed, and the seconds the removal steps took."""
+    def _remove(
+        self, rows: np.ndarray, step: float, x: torch.Tensor, anchors: list, points: list | None = None
+    ) -> tuple[torch.Tensor, float]:
+        """Test logits of the models with each row's synset removed (from `points`, default the removal's: weights,
+        buffers, curvature and damping at each checkpoint), and the seconds the removal steps took."""
         logits, seconds = [], 0.0
         for part in np.array_split(rows, -(-len(rows) // self.per_pass)):
             synchronize(self.images.device)
-            out, took = self._pass(part, step, x, anchors)
+            out, took = self._pass(part, step, x, anchors, self.points if points is None else points)
             logits.append(out)
             seconds += took
         return torch.cat(logits), seconds

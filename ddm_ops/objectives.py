@@ -22,12 +22,6 @@ def margin(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return correct - others.max(dim=-1).values
 
 
-def log_odds(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """log(p / (1 - p)) of the true class under the softmax, per sample: a soft margin (TRAK's output function)."""
-    correct = logits.gather(-1, labels[..., None])[..., 0]
-    return correct - logits.scatter(-1, labels[..., None], float("-inf")).logsumexp(-1)
-
-
 def probability(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Softmax probability of the true class, per sample."""
     return F.softmax(logits, dim=-1).gather(-1, labels[..., None])[..., 0]

@@ -11,7 +11,7 @@ import torch
 from scipy.stats import rankdata
 from sklearn.metrics import roc_curve
 
-from ddm_ops.objectives import log_odds
+from ddm_ops.curvature import log_odds
 
 SSIM_C1, SSIM_C2 = 0.01**2, 0.03**2  # SSIM's constants for a data range of 1
 

@@ -56,13 +56,16 @@ def newton_direction(
         return precondition(factors, batched_grads(model, p, b, images, labels, data_batched=True), damping)
 
 
-def stepped(params: Weights, direction: Weights, step_size: float, sign: float = 1.0) -> Weights:
+def stepped(params: Weights, direction: Weights, step_size: float | torch.Tensor, sign: float = 1.0) -> Weights:
     """The R models θ - sign * step_size * direction (direction stacked (R, ...); parameters it lacks stay): with a
-    newton_direction, the Newton removal of each group from the checkpoint θ."""
+    newton_direction, the Newton removal of each group from the checkpoint θ. step_size: one for all, or (R,)."""
     r = len(next(iter(direction.values())))
-    return {
-        k: v - sign * step_size * direction[k] if k in direction else v.expand(r, *v.shape) for k, v in params.items()
-    }
+
+    def step(d: torch.Tensor) -> torch.Tensor:
+        s = step_size if isinstance(step_size, float) else step_size.to(d.dtype).view(-1, *[1] * (d.dim() - 1))
+        return sign * s * d
+
+    return {k: v - step(direction[k]) if k in direction else v.expand(r, *v.shape) for k, v in params.items()}
 
 
 @torch.no_grad()

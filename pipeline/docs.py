@@ -293,7 +293,10 @@ def render_quality(quality: dict) -> list[str]:
         "### Variants",
         "",
         "One change each against the config named first in the name, with the DDM "
-        "of the time (`DDM run`): compare a variant with its base's row of that same method.",
+        "of the time (`DDM run`): compare a variant with its base's row of that same method. Variants measured "
+        "before `perturb.lengths: kernel` became the default (2026-12-05) say `perturb.lengths: curvature`, the "
+        "removal they ran; their bases' numbers with it are in [method.md](method.md) (\"The kernel's lengths on "
+        "the Fisher's directions\").",
         "",
         *table(header, rows),
     ]

@@ -16,6 +16,7 @@ import pandas as pd
 import torch
 
 from ddm_ops.config import Params
+from ddm_ops.curvature import lengthened
 from ddm_ops.ddm import DDM
 from ddm_ops.devices import peak_memory
 from ddm_ops.train import DivergenceError
@@ -31,7 +32,18 @@ def run(params: Params, paths: Paths, out: Path, fan_out: FanOut = in_process) -
     factors = load_factors(paths)
     if params.perturb.update == "ekfac" and factors is None:
         raise ValueError(f"{paths.stage('curvature') / 'factors.pt'} holds no factors; rerun the curvature stage")
-    ddm = DDM(params.distill, params.perturb, distiller=lambda task, distill, curvature: synset, factors=factors)
+    kernel = load_factors(paths, "kernel")
+    if lengthened(params.perturb.update, params.perturb.curvature, params.perturb.lengths) and kernel is None:
+        raise ValueError(
+            f"{paths.stage('curvature') / 'factors.pt'} holds no kernel factors; rerun the curvature stage"
+        )
+    ddm = DDM(
+        params.distill,
+        params.perturb,
+        distiller=lambda task, distill, curvature: synset,
+        factors=factors,
+        kernel=kernel and kernel[1],
+    )
     start = time.perf_counter()
     ddm.fit(task)  # synsets and curvature handed over: the rest of the offline part (the step's calibration)
     metrics: dict = {"fit_seconds": time.perf_counter() - start}

@@ -38,6 +38,7 @@ def run_task(params: Params, paths: Paths, calibrate: bool) -> Task:
     )
 
 
-def load_factors(paths: Paths) -> tuple[torch.Tensor, list[Factors]] | None:
-    """The curvature stage's (checkpoint indices, EK-FAC factors at each), or None when it fitted none (update sgd)."""
-    return stored_factors(load_tensors(paths.stage("curvature") / "factors.pt"))
+def load_factors(paths: Paths, key: str = "factors") -> tuple[torch.Tensor, list[Factors]] | None:
+    """The curvature stage's (checkpoint indices, EK-FAC factors at each), or None when it fitted none (update sgd);
+    key "kernel": TRAK's kernel's, fitted for perturb.lengths kernel."""
+    return stored_factors(load_tensors(paths.stage("curvature") / "factors.pt"), key)

@@ -13,11 +13,11 @@ import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
 from ddm_ops.config import DataParams, ModelParams, SubsetParams, TrainParams
-from ddm_ops.curvature import _eigenbasis, fit_factors, from_state, precondition, to_state
+from ddm_ops.curvature import _eigenbasis, fit_factors, from_state, log_odds, precondition, to_state
 from ddm_ops.data import load_dataset
 from ddm_ops.functional import per_sample_grads, split_state
 from ddm_ops.models import build_model
-from ddm_ops.objectives import log_odds, margin
+from ddm_ops.objectives import margin
 from ddm_ops.train import train
 
 pytest.importorskip("kronfluence")

@@ -14,10 +14,12 @@ import torch
 from ddm_ops.attribution import distances
 from ddm_ops.attributors import Calibration, Task, run
 from ddm_ops.config import BASELINES, CALIBRATED, Params
+from ddm_ops.curvature import curvature_factors
 from ddm_ops.ddm import DDM
 from ddm_ops.methods import ALWAYS, METHODS
 from ddm_ops.objectives import margin
 from ddm_ops.train import predict, train
+from ddm_ops.trajectory import Trajectory
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -54,9 +56,9 @@ def correlation(example: dict, retrained: torch.Tensor, scores: np.ndarray) -> f
 
 
 def test_the_docs_example_attributes_like_retraining(example, retrained):
-    """Measured (the defaults: whitened matching at every checkpoint; 50 iterations): Pearson 0.807 with the true
-    margin drops (layer-wise matching 0.377; first-order 0.68, EK-FAC 0.69, class indicator 0.61 on this MLP); the
-    removed models' mean Dist1 to the retrained ones 3.24 against θ_T's 3.39."""
+    """Measured (the defaults: whitened matching at every checkpoint, kernel lengths; 50 iterations): Pearson 0.821
+    with the true margin drops (lengths curvature 0.807, layer-wise matching 0.377; first-order 0.68, EK-FAC 0.69,
+    class indicator 0.61 on this MLP); the removed models' mean Dist1 to the retrained ones 3.24 against θ_T's 3.39."""
     answer, scores, x = example["answer"], example["scores"], example["x_test"]
     assert scores.shape == (30, 597) and answer.logits.shape == (30, 597, 10)
     torch.testing.assert_close(answer.base, predict(example["model"], x), atol=1e-4, rtol=1e-4)
@@ -97,7 +99,7 @@ def test_every_kind_of_method_answers_through_the_interface(example, retrained, 
 def test_combined_steps_remove_from_theta_t_with_one_model_per_group(example, retrained):
     """perturb.combine steps: one removed model per group, θ_T moved by the mean of the checkpoints' Newton steps.
     At θ_T alone it is the per-checkpoint removal exactly; over the example's 6 checkpoints it still follows
-    retraining, less closely (measured Pearson 0.640 at the default step, against 0.807 for combine outputs)."""
+    retraining, less closely (measured Pearson 0.611 at the default step, against 0.821 for combine outputs)."""
     ddm, x, y = example["ddm"], example["x_test"], example["y_test"]
 
     def variant(combine: str, points: slice = slice(None)):
@@ -114,7 +116,7 @@ def test_combined_steps_remove_from_theta_t_with_one_model_per_group(example, re
 
 def test_the_removal_can_use_the_first_fifth_of_training_alone(example, retrained):
     """perturb.span 0.2: the same synsets, removed at θ_0 and θ_1 only (the first fifth of θ_0 … θ_5). Measured
-    Pearson 0.731 with the true margin drops (0.807 at all six, the default)."""
+    Pearson 0.771 with the true margin drops (0.821 at all six, the default)."""
     ddm = example["ddm"]
     early = DDM(ddm.distill, ddm.perturb.model_copy(update={"span": 0.2}), distiller=lambda *_: ddm.synset)
     early.fit(example["task"])
@@ -122,3 +124,25 @@ def test_the_removal_can_use_the_first_fifth_of_training_alone(example, retraine
     assert len(starts) == 2 and all(torch.equal(w, c.state["1.weight"]) for w, c in zip(starts, example["checkpoints"]))
     answer = early.attribute(example["x_test"], example["y_test"], ["margin"])
     assert correlation(example, retrained, answer.scores["margin"]) > 0.65
+
+
+def test_kernel_lengths_rescale_each_groups_fisher_step(example, retrained):
+    """perturb.lengths kernel (the default): each group's Fisher Newton step times c_k, the margin changes on training
+    images of TRAK's kernel's removal over the Fisher's. With the Fisher itself as the kernel every c_k is 1 and the
+    removal is lengths curvature's; with TRAK's kernel c_k spreads (measured quartiles 0.85 / 1 / 1.18 here) and
+    Pearson with the true margin drops rises from 0.807 (lengths curvature) to 0.821."""
+    ddm, task, x, y = example["ddm"], example["task"], example["x_test"], example["y_test"]
+    q1, q3 = ddm.lengths.quantile(torch.tensor([0.25, 0.75]))
+    assert q3 - q1 > 0.2 and float(ddm.lengths.median()) == 1.0
+    plain = DDM(ddm.distill, ddm.perturb.model_copy(update={"lengths": "curvature"}), distiller=lambda *_: ddm.synset)
+    plain.fit(task)
+    fisher = plain.attribute(x, y, ["margin"])
+    assert plain.lengths is None
+    trajectory = Trajectory.from_checkpoints(ddm.model, task.checkpoints, task.batch_size)
+    factors = curvature_factors(ddm.model, trajectory, task.train, ddm.distill.checkpoints, task.seed)[1]
+    same = DDM(ddm.distill, ddm.perturb, distiller=lambda *_: ddm.synset, kernel=factors)
+    same.fit(task)
+    torch.testing.assert_close(same.lengths, torch.ones(30))
+    torch.testing.assert_close(same.attribute(x, y, ["margin"]).logits, fisher.logits, atol=1e-5, rtol=0)
+    gain = correlation(example, retrained, example["scores"]) - correlation(example, retrained, fisher.scores["margin"])
+    assert gain > 0.005
