@@ -148,9 +148,8 @@ class DDM:
         rows = np.arange(len(self.images))
         own = torch.from_numpy(task.clusters[pick.numpy()][None] == rows[:, None]).to(device)
         step = PerturbParams.model_fields["step_size"].default
-        norms = []
+        anchors, norms = self._anchors(x), []  # the same starting checkpoints for both removals
         for points in (self.points, [(w, b, *c) for (w, b, _, _), c in zip(self.points, curvature)]):
-            anchors = self._anchors(x, points)
             removed, _ = self._remove(rows, step, x, anchors, points)
             change = margin(anchors[0][0], y) - margin(removed, y.expand(len(rows), -1))
             norms.append(change.masked_fill(own, 0).norm(dim=1))
@@ -159,10 +158,10 @@ class DDM:
         log.info("kernel lengths before normalizing: quartiles %s", ", ".join(f"{q:.3g}" for q in quartiles))
         return lengths / lengths.median()
 
-    def _anchors(self, x: torch.Tensor, points: list | None = None) -> list[torch.Tensor]:
+    def _anchors(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Test logits of θ_T, then of each checkpoint the Newton removal starts from (combine outputs): they do not
         depend on the removed cluster or the step, so each is computed once per use."""
-        starts = (self.points if points is None else points) if self.perturb.combine == "outputs" else []
+        starts = self.points if self.perturb.combine == "outputs" else []
         weights = [(self.theta, self.buffers)] + [(w, b) for w, b, _, _ in starts]
         return [outputs_of(self.model, {k: v[None] for k, v in w.items()}, b, x) for w, b in weights]
 
